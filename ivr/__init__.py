@@ -1,0 +1,60 @@
+"""A phone agent that puts an LLM on a Twilio number."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping
+
+from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from .config import ConfigError, load_settings
+from .prompts import REQUIRED, Prompts
+from .services import build_services
+
+log = logging.getLogger("ivr")
+
+
+def create_app(config: Mapping[str, object] | None = None) -> Flask:
+    """Build the app; `config` holds environment-style names applied last (tests)."""
+    _configure_logging()
+    try:
+        settings = load_settings(overrides=config)
+        prompts = Prompts(settings.prompts_dir)
+        missing = prompts.missing(REQUIRED)
+        if missing:
+            raise ConfigError([
+                f"Prompt file {settings.prompts_dir / (name + '.txt')} is missing or empty."
+                for name in missing
+            ])
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("configuration: %s", problem)
+        raise
+
+    app = Flask(__name__)
+    # Heroku-style routers terminate TLS and say so in X-Forwarded-Proto; the
+    # signature check needs the https URL Twilio actually called.
+    app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1, x_host=1)  # type: ignore[method-assign]
+    app.extensions["ivr"] = build_services(settings, prompts)
+
+    if not settings.validate_twilio_signature:
+        log.warning(
+            "!!! VALIDATE_TWILIO_SIGNATURE=false: anyone can post to this app's webhooks. "
+            "Use this for local development only. !!!"
+        )
+
+    from .voice import bp as voice_bp
+
+    app.register_blueprint(voice_bp)
+    return app
+
+
+def _configure_logging() -> None:
+    """Log to stdout (platforms collect it) unless the host configured logging."""
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)

@@ -1,0 +1,158 @@
+"""Per-call state in Redis, keyed by CallSid, shared by every worker and both modes.
+
+Keys for one call share the `{CallSid}` hash tag, so a Redis Cluster keeps the
+whole call on one shard and MULTI transactions over them are allowed:
+
+    ivr:{CA…}:meta        hash: from, to, started, ended, status, turns, reprompts
+    ivr:{CA…}:transcript  list of JSON entries {role, content, ts, mode}
+    ivr:{CA…}:results     hash: turn number -> the answer already given (replays)
+    ivr:{CA…}:claim:N     short-lived lock: one worker answers turn N
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import redis
+
+log = logging.getLogger(__name__)
+
+# Far above any real call; stops a runaway loop from growing a key without end.
+TRANSCRIPT_HARD_CAP = 2000
+ENDED_STATUSES = {"completed", "failed", "busy", "no-answer", "canceled"}
+
+
+@dataclass(frozen=True)
+class TurnRecord:
+    """What recording a caller's words returned: the LLM's view of the call."""
+
+    history: list[dict]
+    turn_count: int
+
+
+class CallStore:
+    def __init__(self, client: redis.Redis, *, history_max: int, ttl: int, retention: int):
+        self.redis = client
+        self.history_max = history_max
+        self.ttl = ttl
+        self.retention = retention
+
+    @staticmethod
+    def _key(sid: str, part: str) -> str:
+        return f"ivr:{{{sid}}}:{part}"
+
+    def _keys(self, sid: str) -> list[str]:
+        return [self._key(sid, p) for p in ("meta", "transcript", "results")]
+
+    def _expire_all(self, pipe, sid: str, seconds: int) -> None:
+        for key in self._keys(sid):
+            pipe.expire(key, seconds)
+
+    # -- call lifecycle -------------------------------------------------------
+
+    def start(self, sid: str, *, caller: str = "", callee: str = "", mode: str = "gather") -> bool:
+        """Record a call's arrival; True the first time, False for a repeated /voice."""
+        meta = self._key(sid, "meta")
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(meta, "started", f"{time.time():.3f}")
+            pipe.hsetnx(meta, "from", caller)
+            pipe.hsetnx(meta, "to", callee)
+            pipe.hsetnx(meta, "status", "in-progress")
+            pipe.hsetnx(meta, "mode", mode)
+            self._expire_all(pipe, sid, self.ttl)
+            return bool(pipe.execute()[0])
+
+    def finish(self, sid: str, status: str) -> None:
+        """Mark the call ended and keep its record for the retention period."""
+        meta = self._key(sid, "meta")
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(meta, mapping={"status": status, "ended": f"{time.time():.3f}"})
+            self._expire_all(pipe, sid, self.retention)
+            pipe.execute()
+
+    def meta(self, sid: str) -> dict[str, str]:
+        raw = self.redis.hgetall(self._key(sid, "meta"))
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    # -- conversation -----------------------------------------------------------
+
+    def record_caller(self, sid: str, words: str, mode: str = "gather") -> TurnRecord:
+        """Append the caller's words and return the history the LLM should see.
+
+        One transaction: the words are stored (never lost, whatever happens
+        next), the reprompt streak resets, and the recent history comes back in
+        the same round trip.
+        """
+        transcript, meta = self._key(sid, "transcript"), self._key(sid, "meta")
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(transcript, _entry("user", words, mode))
+            pipe.ltrim(transcript, -TRANSCRIPT_HARD_CAP, -1)
+            pipe.hset(meta, "reprompts", 0)
+            pipe.hincrby(meta, "turns", 1)
+            pipe.lrange(transcript, -self.history_max, -1)
+            self._expire_all(pipe, sid, self.ttl)
+            replies = pipe.execute()
+        return TurnRecord(history=_messages(replies[4]), turn_count=replies[3])
+
+    def record_agent(self, sid: str, words: str, mode: str = "gather") -> None:
+        self.append(sid, "assistant", words, mode)
+
+    def append(self, sid: str, role: str, content: str, mode: str, **extra) -> None:
+        transcript = self._key(sid, "transcript")
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(transcript, _entry(role, content, mode, **extra))
+            pipe.ltrim(transcript, -TRANSCRIPT_HARD_CAP, -1)
+            self._expire_all(pipe, sid, self.ttl)
+            pipe.execute()
+
+    def history(self, sid: str) -> list[dict]:
+        """The recent messages, as the LLM sees them."""
+        return _messages(self.redis.lrange(self._key(sid, "transcript"), -self.history_max, -1))
+
+    def transcript(self, sid: str) -> list[dict]:
+        return [json.loads(e) for e in self.redis.lrange(self._key(sid, "transcript"), 0, -1)]
+
+    def count_reprompt(self, sid: str) -> int:
+        """One more silent or unclear turn in a row; returns the streak length."""
+        meta = self._key(sid, "meta")
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(meta, "reprompts", 1)
+            self._expire_all(pipe, sid, self.ttl)
+            return pipe.execute()[0]
+
+    # -- replayed webhooks ---------------------------------------------------------
+
+    def stored_result(self, sid: str, turn: int) -> dict | None:
+        raw = self.redis.hget(self._key(sid, "results"), str(turn))
+        return json.loads(raw) if raw else None
+
+    def claim_turn(self, sid: str, turn: int, seconds: int) -> bool:
+        """True for the first delivery of a turn; a retry of it gets False."""
+        return bool(self.redis.set(self._key(sid, f"claim:{turn}"), 1, nx=True, ex=seconds))
+
+    def store_result(self, sid: str, turn: int, result: dict) -> None:
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._key(sid, "results"), str(turn), json.dumps(result))
+            self._expire_all(pipe, sid, self.ttl)
+            pipe.execute()
+
+
+def _entry(role: str, content: str, mode: str, **extra) -> str:
+    return json.dumps({"role": role, "content": content, "ts": round(time.time(), 3),
+                       "mode": mode, **extra})
+
+
+def _messages(raw_entries) -> list[dict]:
+    messages = []
+    for raw in raw_entries:
+        entry = json.loads(raw)
+        if entry.get("role") in ("user", "assistant"):
+            messages.append({"role": entry["role"], "content": entry["content"]})
+    return messages
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

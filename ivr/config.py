@@ -1,0 +1,200 @@
+"""Settings read from the environment once, validated at start-up.
+
+Every problem is reported as one sentence naming the variable, so a deployer
+reading a crashed dyno's log knows exactly what to fix.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Twilio waits 15 s in total for a webhook answer; the LLM's share must leave
+# room for Redis, TwiML rendering and the network on both sides.
+TWILIO_WEBHOOK_LIMIT = 15.0
+MAX_LLM_DEADLINE = 12.0
+
+DEFAULT_PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+
+
+class ConfigError(Exception):
+    """Raised at start-up with one sentence per configuration problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__(" ".join(problems))
+
+
+@dataclass(frozen=True)
+class Settings:
+    twilio_auth_token: str = ""
+    twilio_account_sid: str = ""
+    twilio_webhook_signing_secret: str = ""
+    validate_twilio_signature: bool = True
+    public_base_url: str = ""
+
+    openai_api_key: str = ""
+    openai_base_url: str = ""
+    openai_model: str = "gpt-4.1-mini"
+    openai_realtime_model: str = "gpt-realtime"
+    llm_deadline: float = 8.0
+    llm_attempt_timeout: float = 5.0
+    llm_max_tokens: int = 300
+
+    redis_url: str = ""
+    history_max_messages: int = 20
+    call_ttl: int = 4 * 3600
+    transcript_retention: int = 7 * 24 * 3600
+
+    confidence_threshold: float = 0.5
+    reprompt_limit: int = 3
+    max_reply_chars: int = 450
+    voice: str = "Polly.Joanna-Neural"
+    language: str = "en-US"
+    speech_model: str = ""
+    speech_timeout: str = "auto"
+    speech_hints: str = ""
+
+    streaming_enabled: bool = False
+    prompts_dir: Path = field(default=DEFAULT_PROMPTS_DIR)
+
+    @property
+    def gather_speech_timeout(self) -> str:
+        """Twilio wants a whole number of seconds, not 'auto', with a named speechModel."""
+        if self.speech_model and self.speech_timeout == "auto":
+            return "2"
+        return self.speech_timeout
+
+
+# (attribute, environment variable, parser) in the order they are documented.
+_SPEC: list[tuple[str, str, str]] = [
+    ("twilio_auth_token", "TWILIO_AUTH_TOKEN", "str"),
+    ("twilio_account_sid", "TWILIO_ACCOUNT_SID", "str"),
+    ("twilio_webhook_signing_secret", "TWILIO_WEBHOOK_SIGNING_SECRET", "str"),
+    ("validate_twilio_signature", "VALIDATE_TWILIO_SIGNATURE", "bool"),
+    ("public_base_url", "PUBLIC_BASE_URL", "str"),
+    ("openai_api_key", "OPENAI_API_KEY", "str"),
+    ("openai_base_url", "OPENAI_BASE_URL", "str"),
+    ("openai_model", "OPENAI_MODEL", "str"),
+    ("openai_realtime_model", "OPENAI_REALTIME_MODEL", "str"),
+    ("llm_deadline", "LLM_DEADLINE_SECONDS", "float"),
+    ("llm_attempt_timeout", "LLM_ATTEMPT_TIMEOUT_SECONDS", "float"),
+    ("llm_max_tokens", "LLM_MAX_TOKENS", "int"),
+    ("redis_url", "REDIS_URL", "str"),
+    ("history_max_messages", "HISTORY_MAX_MESSAGES", "int"),
+    ("call_ttl", "CALL_TTL_SECONDS", "int"),
+    ("transcript_retention", "TRANSCRIPT_RETENTION_SECONDS", "int"),
+    ("confidence_threshold", "CONFIDENCE_THRESHOLD", "float"),
+    ("reprompt_limit", "REPROMPT_LIMIT", "int"),
+    ("max_reply_chars", "MAX_REPLY_CHARS", "int"),
+    ("voice", "TTS_VOICE", "str"),
+    ("language", "SPEECH_LANGUAGE", "str"),
+    ("speech_model", "SPEECH_MODEL", "str"),
+    ("speech_timeout", "SPEECH_TIMEOUT", "str"),
+    ("speech_hints", "SPEECH_HINTS", "str"),
+    ("streaming_enabled", "STREAMING_ENABLED", "bool"),
+    ("prompts_dir", "PROMPTS_DIR", "path"),
+]
+
+ENV_NAMES = [env for _, env, _ in _SPEC]
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _parse(kind: str, env: str, raw: object, problems: list[str]) -> object:
+    if not isinstance(raw, str):
+        return raw  # tests may pass typed values
+    raw = raw.strip()
+    try:
+        if kind == "bool":
+            if raw.lower() in _TRUE:
+                return True
+            if raw.lower() in _FALSE:
+                return False
+            raise ValueError
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "path":
+            return Path(raw)
+        return raw
+    except ValueError:
+        expected = {"bool": "true or false", "int": "a whole number", "float": "a number"}[kind]
+        problems.append(f"{env} must be {expected}, not {raw!r}.")
+        return None
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, overrides: Mapping[str, object] | None = None
+) -> Settings:
+    """Build Settings from the environment, with `overrides` (same names) applied last."""
+    source: dict[str, object] = dict(os.environ if environ is None else environ)
+    source.update(overrides or {})
+    problems: list[str] = []
+    values: dict[str, object] = {}
+    for attr, env, kind in _SPEC:
+        if env in source and source[env] is not None:
+            parsed = _parse(kind, env, source[env], problems)
+            if parsed is not None:
+                values[attr] = parsed
+    settings = Settings(**values)
+    problems += _check(settings)
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _check(s: Settings) -> list[str]:
+    problems = []
+    if s.validate_twilio_signature and not s.twilio_auth_token:
+        problems.append(
+            "TWILIO_AUTH_TOKEN is missing: set it to validate Twilio's signatures, "
+            "or set VALIDATE_TWILIO_SIGNATURE=false for local development only."
+        )
+    if not s.openai_api_key:
+        problems.append("OPENAI_API_KEY is missing: the agent needs it to answer callers.")
+    if not 0.0 <= s.confidence_threshold <= 1.0:
+        problems.append(
+            f"CONFIDENCE_THRESHOLD must be between 0.0 and 1.0, not {s.confidence_threshold}."
+        )
+    if not 0 < s.llm_deadline <= MAX_LLM_DEADLINE:
+        problems.append(
+            f"LLM_DEADLINE_SECONDS must be above 0 and at most {MAX_LLM_DEADLINE:g} so the "
+            f"caller hears an answer before Twilio's {TWILIO_WEBHOOK_LIMIT:g} s limit, "
+            f"not {s.llm_deadline:g}."
+        )
+    if s.llm_attempt_timeout <= 0:
+        problems.append("LLM_ATTEMPT_TIMEOUT_SECONDS must be above 0.")
+    if s.reprompt_limit < 1:
+        problems.append(f"REPROMPT_LIMIT must be at least 1, not {s.reprompt_limit}.")
+    if s.history_max_messages < 2:
+        problems.append(
+            f"HISTORY_MAX_MESSAGES must be at least 2, not {s.history_max_messages}."
+        )
+    if s.max_reply_chars < 40:
+        problems.append(f"MAX_REPLY_CHARS must be at least 40, not {s.max_reply_chars}.")
+    if s.call_ttl < 60 or s.transcript_retention < 60:
+        problems.append("CALL_TTL_SECONDS and TRANSCRIPT_RETENTION_SECONDS must be at least 60.")
+    if s.speech_timeout != "auto" and not (
+        s.speech_timeout.isdigit() and int(s.speech_timeout) > 0
+    ):
+        problems.append(
+            f"SPEECH_TIMEOUT must be 'auto' or a positive whole number of seconds, "
+            f"not {s.speech_timeout!r}."
+        )
+    if s.public_base_url and not s.public_base_url.startswith(("https://", "http://")):
+        problems.append(
+            f"PUBLIC_BASE_URL must be an origin such as https://example.com, "
+            f"not {s.public_base_url!r}."
+        )
+    if s.redis_url and not s.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        problems.append(
+            f"REDIS_URL must start with redis://, rediss:// or unix://, not {s.redis_url!r}."
+        )
+    if not s.prompts_dir.is_dir():
+        problems.append(f"PROMPTS_DIR {str(s.prompts_dir)!r} is not a directory.")
+    return problems

@@ -1,0 +1,93 @@
+"""Clients built once per app (Redis, OpenAI) and the objects that use them.
+
+They live in `app.extensions["ivr"]` and are reached with `get_services()`;
+redis-py and openai clients are thread-safe and shared by all handlers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import openai
+import redis
+from flask import current_app
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from .calls import CallStore
+from .config import Settings
+from .conversation import Conversation
+from .llm import Responder
+from .prompts import Prompts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    prompts: Prompts
+    redis: redis.Redis
+    openai: openai.OpenAI
+    store: CallStore
+    responder: Responder
+    conversation: Conversation
+
+
+def get_services() -> Services:
+    return current_app.extensions["ivr"]
+
+
+def build_redis(settings: Settings) -> redis.Redis:
+    if not settings.redis_url:
+        import fakeredis  # only needed for single-process local use
+
+        log.warning(
+            "REDIS_URL is not set: call state lives in this process only. Fine for one "
+            "local process; set REDIS_URL before running several workers or dynos."
+        )
+        return fakeredis.FakeRedis()
+    options = {
+        # Fail fast: a webhook must answer within Twilio's limit even if Redis is gone.
+        "socket_connect_timeout": 1.0,
+        "socket_timeout": 1.0,
+        "retry": Retry(ExponentialBackoff(cap=0.1, base=0.02), 1),
+        "health_check_interval": 30,
+    }
+    if settings.redis_url.startswith("rediss://"):
+        # Heroku Redis presents a self-signed certificate; the connection is
+        # still encrypted, but the certificate cannot be verified.
+        options["ssl_cert_reqs"] = None
+    return redis.Redis.from_url(settings.redis_url, **options)
+
+
+def build_services(settings: Settings, prompts: Prompts) -> Services:
+    redis_client = build_redis(settings)
+    openai_client = openai.OpenAI(
+        api_key=settings.openai_api_key,
+        base_url=settings.openai_base_url or None,
+        max_retries=0,  # tenacity retries, within the turn's deadline (llm.py)
+        timeout=settings.llm_attempt_timeout,
+    )
+    store = CallStore(
+        redis_client,
+        history_max=settings.history_max_messages,
+        ttl=settings.call_ttl,
+        retention=settings.transcript_retention,
+    )
+    responder = Responder(
+        openai_client,
+        model=settings.openai_model,
+        attempt_timeout=settings.llm_attempt_timeout,
+        max_tokens=settings.llm_max_tokens,
+    )
+    return Services(
+        settings=settings,
+        prompts=prompts,
+        redis=redis_client,
+        openai=openai_client,
+        store=store,
+        responder=responder,
+        conversation=Conversation(store, responder, prompts, settings),
+    )

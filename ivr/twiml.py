@@ -1,0 +1,58 @@
+"""Builders for the TwiML documents the app returns, all through twilio's builder.
+
+URLs are relative: Twilio resolves them against the URL it just requested, so
+they stay right behind any proxy or custom domain without knowing the host.
+"""
+
+from __future__ import annotations
+
+from flask import Response
+from twilio.twiml.voice_response import Gather, VoiceResponse
+
+from .config import Settings
+
+
+def turn_url(turn: int | None) -> str:
+    return f"/process-speech?turn={turn}" if turn else "/process-speech"
+
+
+def _say(parent, text: str, settings: Settings) -> None:
+    parent.say(text, voice=settings.voice or None, language=settings.language or None)
+
+
+def gather_turn(text: str, next_turn: int | None, settings: Settings) -> VoiceResponse:
+    """Say `text` inside a speech Gather, so the caller can interrupt it.
+
+    actionOnEmptyResult makes silence reach /process-speech too; the Redirect
+    after the Gather is the fallback if Twilio ever falls through without
+    posting, and lands on the same silence handling.
+    """
+    response = VoiceResponse()
+    gather = Gather(
+        input="speech",
+        action=turn_url(next_turn),
+        method="POST",
+        action_on_empty_result=True,
+        speech_timeout=settings.gather_speech_timeout,
+        barge_in=True,
+        language=settings.language or None,
+        speech_model=settings.speech_model or None,
+        hints=settings.speech_hints or None,
+    )
+    if text:
+        _say(gather, text, settings)
+    response.append(gather)
+    response.redirect(turn_url(next_turn), method="POST")
+    return response
+
+
+def goodbye(text: str, settings: Settings) -> VoiceResponse:
+    response = VoiceResponse()
+    _say(response, text, settings)
+    response.hangup()
+    return response
+
+
+def render(doc: VoiceResponse, status: int = 200) -> Response:
+    """The one way views return TwiML."""
+    return Response(str(doc), status=status, mimetype="text/xml")

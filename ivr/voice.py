@@ -1,0 +1,93 @@
+"""The webhook blueprint: thin views that glue request fields to the conversation."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+from flask import Blueprint, abort, jsonify, request
+
+from . import twiml
+from .calls import ENDED_STATUSES
+from .conversation import render_result
+from .security import twilio_signed
+from .services import get_services
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("voice", __name__)
+
+def twilio_webhook(view):
+    """Signed, needs a CallSid, and answers valid TwiML whatever goes wrong inside."""
+
+    @twilio_signed
+    @functools.wraps(view)
+    def wrapper(*args, **kwargs):
+        sid = request.form.get("CallSid", "")
+        if not sid:
+            abort(400, "CallSid is required")
+        try:
+            return view(sid, *args, **kwargs)
+        except Exception:
+            log.exception("call %s: unexpected error in %s", sid, request.path)
+            services = get_services()
+            apology = services.conversation.line("apology")
+            return twiml.render(twiml.gather_turn(apology, None, services.settings))
+
+    return wrapper
+
+
+def _confidence() -> float | None:
+    raw = request.form.get("Confidence", "")
+    try:
+        return float(raw) if raw else None
+    except ValueError:
+        return None
+
+
+def _turn() -> int | None:
+    return request.args.get("turn", type=int)
+
+
+@bp.post("/voice")
+@twilio_webhook
+def voice(sid: str):
+    services = get_services()
+    form = request.form
+    result = services.conversation.greet(sid, form.get("From", ""), form.get("To", ""))
+    return twiml.render(render_result(result, services.settings))
+
+
+@bp.post("/process-speech")
+@twilio_webhook
+def process_speech(sid: str):
+    started = time.monotonic()
+    services = get_services()
+    result = services.conversation.take_turn(
+        sid, _turn(), request.form.get("SpeechResult", ""), _confidence(), started
+    )
+    return twiml.render(render_result(result, services.settings))
+
+
+@bp.post("/call-status")
+@twilio_signed
+def call_status():
+    sid = request.form.get("CallSid", "")
+    if not sid:
+        abort(400, "CallSid is required")
+    status = request.form.get("CallStatus", "")
+    if status in ENDED_STATUSES:
+        get_services().conversation.finish(sid, status)
+    return "", 204
+
+
+@bp.get("/healthz")
+def healthz():
+    try:
+        redis_ok = bool(get_services().redis.ping())
+    except Exception as exc:  # any failure means "not reachable" for a health probe
+        log.warning("health check: Redis unreachable: %s", exc)
+        redis_ok = False
+    return jsonify(status="ok" if redis_ok else "degraded",
+                   redis="ok" if redis_ok else "unreachable")

@@ -1,0 +1,127 @@
+"""Fixtures: a real redis-server, a loopback fake OpenAI, the app and a Twilio-like caller."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import redis as redis_lib
+
+from ivr import create_app
+from ivr.config import ENV_NAMES
+
+from .fakes.openai_server import FakeOpenAI
+from .twilio_sim import AUTH_TOKEN, TwilioCall
+
+PROJECT_PROMPTS = Path(__file__).resolve().parent.parent / "prompts"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.exit(
+            "redis-server is not installed: run scripts/test, which installs it, or install "
+            "it yourself (apt-get install redis-server, or brew install redis).",
+            returncode=3,
+        )
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis_lib.Redis.from_url(url)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis_lib.ConnectionError:
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.exit("redis-server did not start", returncode=3)
+    client.close()
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def redis(redis_url):
+    client = redis_lib.Redis.from_url(redis_url)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def _fake_openai_server():
+    fake = FakeOpenAI().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def fake_openai(_fake_openai_server):
+    _fake_openai_server.reset()
+    yield _fake_openai_server
+    _fake_openai_server.reset()
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch):
+    """No real credential or deployment setting leaks into a test."""
+    for name in list(os.environ):
+        if name in ENV_NAMES or name.startswith(("OPENAI_", "TWILIO_")):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def prompts_dir(tmp_path):
+    target = tmp_path / "prompts"
+    shutil.copytree(PROJECT_PROMPTS, target)
+    return target
+
+
+@pytest.fixture
+def config(redis, redis_url, fake_openai, prompts_dir):
+    return {
+        "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+        "OPENAI_API_KEY": "sk-test",
+        "OPENAI_BASE_URL": fake_openai.url,
+        "OPENAI_MODEL": "fake-model",
+        "REDIS_URL": redis_url,
+        "PROMPTS_DIR": str(prompts_dir),
+        "LLM_DEADLINE_SECONDS": "3",
+        "LLM_ATTEMPT_TIMEOUT_SECONDS": "1",
+    }
+
+
+@pytest.fixture
+def app(config):
+    return create_app(config)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def call(client):
+    """A call placed as Twilio would place it, on the Flask test client."""
+    return TwilioCall(client)

@@ -1,0 +1,130 @@
+"""A loopback fake of the OpenAI HTTP API (chat completions), with programmable faults.
+
+It runs a real HTTP server on 127.0.0.1 so the openai SDK is exercised end to
+end: its client, its httpx2 transport, its error mapping. Tests queue
+behaviours for the next requests and assert on what the fake received.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from flask import Flask, jsonify, request
+from werkzeug.serving import make_server
+
+# A hang never outlives this, so a broken test cannot wedge the session.
+HANG_LIMIT_SECONDS = 30.0
+
+
+@dataclass
+class Reply:
+    text: str
+    delay: float = 0.0
+
+
+@dataclass
+class Fail:
+    status: int
+    headers: dict = field(default_factory=dict)
+    delay: float = 0.0
+
+
+@dataclass
+class Hang:
+    """Accept the request and never answer (until the test ends)."""
+
+
+def echo(messages: list[dict]) -> str:
+    """Default answer: repeats the caller's last words, so tests can follow a call."""
+    last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    return f"You said: {last}"
+
+
+class FakeOpenAI:
+    def __init__(self):
+        self.requests: list[dict] = []
+        self._script: deque = deque()
+        self._lock = threading.Lock()
+        self._release = threading.Event()
+        self._ids = itertools.count(1)
+        self.default_delay = 0.0
+        self.app = self._build_app()
+        self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
+        self.port = self.server.server_port
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    # -- test API -----------------------------------------------------------------
+
+    def start(self) -> FakeOpenAI:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._release.set()
+        self.server.shutdown()
+
+    def queue(self, *behaviours) -> None:
+        """Behaviours for the next requests, in order; then the default echo."""
+        with self._lock:
+            self._script.extend(behaviours)
+
+    def reset(self) -> None:
+        self._release.set()  # free any handler still hanging from the last test
+        with self._lock:
+            self._script.clear()
+            self.requests.clear()
+        self.default_delay = 0.0
+        self._release = threading.Event()
+
+    @property
+    def chat_requests(self) -> list[dict]:
+        return [r["json"] for r in self.requests if r["path"].endswith("/chat/completions")]
+
+    # -- server -------------------------------------------------------------------------
+
+    def _next(self):
+        with self._lock:
+            return self._script.popleft() if self._script else None
+
+    def _build_app(self) -> Flask:
+        app = Flask("fake-openai")
+
+        @app.post("/v1/chat/completions")
+        def chat():
+            body = request.get_json()
+            with self._lock:
+                self.requests.append({"path": request.path, "json": body,
+                                      "headers": dict(request.headers)})
+            behaviour = self._next()
+            if isinstance(behaviour, Hang):
+                self._release.wait(HANG_LIMIT_SECONDS)
+                return jsonify(error={"message": "hung"}), 504
+            if isinstance(behaviour, Fail):
+                time.sleep(behaviour.delay)
+                error = {"message": f"fake failure {behaviour.status}", "type": "fake"}
+                return jsonify(error=error), behaviour.status, behaviour.headers
+            if isinstance(behaviour, Reply):
+                time.sleep(behaviour.delay)
+                text = behaviour.text
+            else:
+                time.sleep(self.default_delay)
+                text = echo(body["messages"])
+            return jsonify(self._completion(body["model"], text))
+
+        return app
+
+    def _completion(self, model: str, text: str) -> dict:
+        return {
+            "id": f"chatcmpl-fake-{next(self._ids)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }

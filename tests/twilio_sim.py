@@ -1,0 +1,86 @@
+"""Test-side stand-in for Twilio: signs webhooks and follows the app's TwiML.
+
+Deliberately independent of the package, so the app is checked against what
+Twilio does rather than against its own idea of it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import xml.etree.ElementTree as ET
+
+from twilio.request_validator import RequestValidator
+
+AUTH_TOKEN = "test-auth-token-0123456789abcdef"
+BASE_URL = "http://localhost"
+_sids = itertools.count(1)
+
+
+def new_sid() -> str:
+    return f"CA{next(_sids):032x}"
+
+
+def sign(url: str, params: dict, token: str = AUTH_TOKEN) -> str:
+    return RequestValidator(token).compute_signature(url, params)
+
+
+def signed_post(client, path: str, params: dict, *, token: str = AUTH_TOKEN,
+                base_url: str = BASE_URL, headers: dict | None = None):
+    signature = sign(base_url + path, params, token)
+    return client.post(path, data=params,
+                       headers={"X-Twilio-Signature": signature, **(headers or {})})
+
+
+def parse(response) -> ET.Element:
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.mimetype == "text/xml"
+    root = ET.fromstring(response.get_data())
+    assert root.tag == "Response"
+    return root
+
+
+def spoken(root: ET.Element) -> list[str]:
+    return [say.text or "" for say in root.iter("Say")]
+
+
+class TwilioCall:
+    """One call: POST /voice, then each `say()` posts to the last Gather's action."""
+
+    def __init__(self, client, sid: str | None = None, caller: str = "+15550001111",
+                 callee: str = "+15550002222"):
+        self.client = client
+        self.sid = sid or new_sid()
+        self.caller, self.callee = caller, callee
+        self.last: ET.Element | None = None
+
+    def params(self, **extra) -> dict:
+        return {"CallSid": self.sid, "AccountSid": "AC" + "0" * 32, "From": self.caller,
+                "To": self.callee, "CallStatus": "in-progress", "Direction": "inbound", **extra}
+
+    def start(self) -> ET.Element:
+        self.last = parse(signed_post(self.client, "/voice", self.params(CallStatus="ringing")))
+        return self.last
+
+    @property
+    def gather(self) -> ET.Element:
+        gather = self.last.find("Gather") if self.last is not None else None
+        assert gather is not None, "the last TwiML has no <Gather>"
+        return gather
+
+    def post_action(self, **fields) -> ET.Element:
+        self.last = parse(signed_post(self.client, self.gather.get("action"),
+                                      self.params(**fields)))
+        return self.last
+
+    def say(self, words: str, confidence: float | None = 0.92) -> ET.Element:
+        fields = {"SpeechResult": words}
+        if confidence is not None:
+            fields["Confidence"] = f"{confidence}"
+        return self.post_action(**fields)
+
+    def silence(self) -> ET.Element:
+        return self.post_action()
+
+    def hang_up(self, status: str = "completed"):
+        return signed_post(self.client, "/call-status",
+                           self.params(CallStatus=status, CallDuration="42"))
