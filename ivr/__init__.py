@@ -24,10 +24,12 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
         prompts = Prompts(settings.prompts_dir)
         missing = prompts.missing(REQUIRED)
         if missing:
-            raise ConfigError([
-                f"Prompt file {settings.prompts_dir / (name + '.txt')} is missing or empty."
-                for name in missing
-            ])
+            raise ConfigError(
+                [
+                    f"Prompt file {settings.prompts_dir / (name + '.txt')} is missing or empty."
+                    for name in missing
+                ]
+            )
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("configuration: %s", problem)

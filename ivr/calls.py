@@ -141,8 +141,9 @@ class CallStore:
 
 
 def _entry(role: str, content: str, mode: str, **extra) -> str:
-    return json.dumps({"role": role, "content": content, "ts": round(time.time(), 3),
-                       "mode": mode, **extra})
+    return json.dumps(
+        {"role": role, "content": content, "ts": round(time.time(), 3), "mode": mode, **extra}
+    )
 
 
 def _messages(raw_entries) -> list[dict]:

@@ -172,9 +172,7 @@ def _check(s: Settings) -> list[str]:
     if s.reprompt_limit < 1:
         problems.append(f"REPROMPT_LIMIT must be at least 1, not {s.reprompt_limit}.")
     if s.history_max_messages < 2:
-        problems.append(
-            f"HISTORY_MAX_MESSAGES must be at least 2, not {s.history_max_messages}."
-        )
+        problems.append(f"HISTORY_MAX_MESSAGES must be at least 2, not {s.history_max_messages}.")
     if s.max_reply_chars < 40:
         problems.append(f"MAX_REPLY_CHARS must be at least 40, not {s.max_reply_chars}.")
     if s.call_ttl < 60 or s.transcript_retention < 60:

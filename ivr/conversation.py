@@ -39,8 +39,9 @@ REPLAY_POLL_SECONDS = 0.1
 
 
 class Conversation:
-    def __init__(self, store: CallStore, responder: Responder, prompts: Prompts,
-                 settings: Settings):
+    def __init__(
+        self, store: CallStore, responder: Responder, prompts: Prompts, settings: Settings
+    ):
         self.store = store
         self.responder = responder
         self.prompts = prompts
@@ -53,13 +54,15 @@ class Conversation:
 
     def greet(self, sid: str, caller: str = "", callee: str = "") -> dict:
         greeting = self.line("greeting")
-        if self._safely(sid, "start", lambda: self.store.start(sid, caller=caller,
-                                                                  callee=callee), None):
+        if self._safely(
+            sid, "start", lambda: self.store.start(sid, caller=caller, callee=callee), None
+        ):
             self._safely(sid, "record greeting", lambda: self.store.record_agent(sid, greeting))
         return {"kind": "answer", "text": greeting, "next": 1}
 
-    def take_turn(self, sid: str, turn: int | None, speech: str, confidence: float | None,
-                  started: float) -> dict:
+    def take_turn(
+        self, sid: str, turn: int | None, speech: str, confidence: float | None, started: float
+    ) -> dict:
         """Answer turn `turn` of call `sid`; `started` is the request's monotonic time."""
         deadline = started + self.settings.llm_deadline
         if turn:
@@ -67,8 +70,11 @@ class Conversation:
             if stored:
                 return stored
             first = self._safely(
-                sid, "claim", lambda: self.store.claim_turn(
-                    sid, turn, int(self.settings.llm_deadline) + 10), True)
+                sid,
+                "claim",
+                lambda: self.store.claim_turn(sid, turn, int(self.settings.llm_deadline) + 10),
+                True,
+            )
             if not first:
                 return self._await_first_delivery(sid, turn, deadline)
         result = self._answer(sid, turn, speech.strip(), confidence, deadline)
@@ -81,12 +87,14 @@ class Conversation:
 
     # -- the turn -------------------------------------------------------------------
 
-    def _answer(self, sid: str, turn: int | None, speech: str, confidence: float | None,
-                deadline: float) -> dict:
+    def _answer(
+        self, sid: str, turn: int | None, speech: str, confidence: float | None, deadline: float
+    ) -> dict:
         next_turn = turn + 1 if turn else None
         # Confidence is optional in Twilio's request: absent means "accept".
-        if not speech or (confidence is not None
-                          and confidence < self.settings.confidence_threshold):
+        if not speech or (
+            confidence is not None and confidence < self.settings.confidence_threshold
+        ):
             return self._reprompt(sid, speech, confidence, next_turn)
 
         record = self._safely(sid, "record caller", lambda: self.store.record_caller(sid, speech))
@@ -102,12 +110,18 @@ class Conversation:
         self._safely(sid, "record agent", lambda: self.store.record_agent(sid, text))
         return {"kind": "answer", "text": text, "next": next_turn}
 
-    def _reprompt(self, sid: str, speech: str, confidence: float | None,
-                  next_turn: int | None) -> dict:
+    def _reprompt(
+        self, sid: str, speech: str, confidence: float | None, next_turn: int | None
+    ) -> dict:
         if speech:
             # Not used for the answer, but kept: a caller's words are never lost.
-            self._safely(sid, "record unclear", lambda: self.store.append(
-                sid, "caller_unclear", speech, "gather", confidence=confidence))
+            self._safely(
+                sid,
+                "record unclear",
+                lambda: self.store.append(
+                    sid, "caller_unclear", speech, "gather", confidence=confidence
+                ),
+            )
         streak = self._safely(sid, "count reprompt", lambda: self.store.count_reprompt(sid), 1)
         if streak > self.settings.reprompt_limit:
             return {"kind": "goodbye", "text": self.line("goodbye"), "next": None}

@@ -61,8 +61,9 @@ def retry_after_seconds(exc: BaseException | None) -> float | None:
 class Responder:
     """Asks the chat model for the agent's next line."""
 
-    def __init__(self, client: openai.OpenAI, *, model: str, attempt_timeout: float,
-                 max_tokens: int):
+    def __init__(
+        self, client: openai.OpenAI, *, model: str, attempt_timeout: float, max_tokens: int
+    ):
         self.client = client
         self.model = model
         self.attempt_timeout = attempt_timeout
@@ -86,7 +87,10 @@ class Responder:
             return max(0.0, min(pause, deadline - time.monotonic() - MIN_ATTEMPT_SECONDS))
 
         retrying = Retrying(
-            retry=retry_if_exception(is_retryable), stop=stop, wait=wait, reraise=True,
+            retry=retry_if_exception(is_retryable),
+            stop=stop,
+            wait=wait,
+            reraise=True,
             before_sleep=lambda s: log.warning(
                 "LLM attempt %d failed (%s); retrying", s.attempt_number, s.outcome.exception()
             ),

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("voice", __name__)
 
+
 def twilio_webhook(view):
     """Signed, needs a CallSid, and answers valid TwiML whatever goes wrong inside."""
 
@@ -89,5 +90,6 @@ def healthz():
     except Exception as exc:  # any failure means "not reachable" for a health probe
         log.warning("health check: Redis unreachable: %s", exc)
         redis_ok = False
-    return jsonify(status="ok" if redis_ok else "degraded",
-                   redis="ok" if redis_ok else "unreachable")
+    return jsonify(
+        status="ok" if redis_ok else "degraded", redis="ok" if redis_ok else "unreachable"
+    )

@@ -36,7 +36,9 @@ def test_a_conversation_remembers_earlier_turns(call, fake_openai, prompts_dir):
     sent = fake_openai.chat_requests[-1]
     assert sent["model"] == "fake-model"
     assert sent["messages"][0] == {
-        "role": "system", "content": (prompts_dir / "system.txt").read_text().strip()}
+        "role": "system",
+        "content": (prompts_dir / "system.txt").read_text().strip(),
+    }
     assert [m["content"] for m in sent["messages"][1:]] == [
         (prompts_dir / "greeting.txt").read_text().strip(),
         "My name is Ada.",
@@ -45,14 +47,14 @@ def test_a_conversation_remembers_earlier_turns(call, fake_openai, prompts_dir):
     ]
 
 
-def test_the_answer_is_said_inside_the_next_gather_so_the_caller_can_interrupt(
-        call, fake_openai):
+def test_the_answer_is_said_inside_the_next_gather_so_the_caller_can_interrupt(call, fake_openai):
     call.start()
     fake_openai.queue(Reply("Opening hours are **9 to 5**. 😀 See https://shop.example.com/hours"))
     root = call.say("When are you open?")
     gather = root.find("Gather")
     assert [s.text for s in gather.findall("Say")] == [
-        "Opening hours are 9 to 5. See shop dot example dot com"]
+        "Opening hours are 9 to 5. See shop dot example dot com"
+    ]
     assert root.find("Say") is None  # nothing said outside the Gather
 
 
@@ -80,8 +82,7 @@ def test_missing_call_sid_is_a_bad_request(client):
     assert response.status_code == 400
 
 
-def test_call_status_completed_keeps_the_transcript_for_the_retention_period(
-        call, redis, app):
+def test_call_status_completed_keeps_the_transcript_for_the_retention_period(call, redis, app):
     call.start()
     call.say("Remember this.")
     assert call.hang_up().status_code == 204

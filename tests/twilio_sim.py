@@ -24,11 +24,19 @@ def sign(url: str, params: dict, token: str = AUTH_TOKEN) -> str:
     return RequestValidator(token).compute_signature(url, params)
 
 
-def signed_post(client, path: str, params: dict, *, token: str = AUTH_TOKEN,
-                base_url: str = BASE_URL, headers: dict | None = None):
+def signed_post(
+    client,
+    path: str,
+    params: dict,
+    *,
+    token: str = AUTH_TOKEN,
+    base_url: str = BASE_URL,
+    headers: dict | None = None,
+):
     signature = sign(base_url + path, params, token)
-    return client.post(path, data=params,
-                       headers={"X-Twilio-Signature": signature, **(headers or {})})
+    return client.post(
+        path, data=params, headers={"X-Twilio-Signature": signature, **(headers or {})}
+    )
 
 
 def parse(response) -> ET.Element:
@@ -46,16 +54,28 @@ def spoken(root: ET.Element) -> list[str]:
 class TwilioCall:
     """One call: POST /voice, then each `say()` posts to the last Gather's action."""
 
-    def __init__(self, client, sid: str | None = None, caller: str = "+15550001111",
-                 callee: str = "+15550002222"):
+    def __init__(
+        self,
+        client,
+        sid: str | None = None,
+        caller: str = "+15550001111",
+        callee: str = "+15550002222",
+    ):
         self.client = client
         self.sid = sid or new_sid()
         self.caller, self.callee = caller, callee
         self.last: ET.Element | None = None
 
     def params(self, **extra) -> dict:
-        return {"CallSid": self.sid, "AccountSid": "AC" + "0" * 32, "From": self.caller,
-                "To": self.callee, "CallStatus": "in-progress", "Direction": "inbound", **extra}
+        return {
+            "CallSid": self.sid,
+            "AccountSid": "AC" + "0" * 32,
+            "From": self.caller,
+            "To": self.callee,
+            "CallStatus": "in-progress",
+            "Direction": "inbound",
+            **extra,
+        }
 
     def start(self) -> ET.Element:
         self.last = parse(signed_post(self.client, "/voice", self.params(CallStatus="ringing")))
@@ -68,8 +88,9 @@ class TwilioCall:
         return gather
 
     def post_action(self, **fields) -> ET.Element:
-        self.last = parse(signed_post(self.client, self.gather.get("action"),
-                                      self.params(**fields)))
+        self.last = parse(
+            signed_post(self.client, self.gather.get("action"), self.params(**fields))
+        )
         return self.last
 
     def say(self, words: str, confidence: float | None = 0.92) -> ET.Element:
@@ -82,5 +103,6 @@ class TwilioCall:
         return self.post_action()
 
     def hang_up(self, status: str = "completed"):
-        return signed_post(self.client, "/call-status",
-                           self.params(CallStatus=status, CallDuration="42"))
+        return signed_post(
+            self.client, "/call-status", self.params(CallStatus=status, CallDuration="42")
+        )

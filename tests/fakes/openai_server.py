@@ -98,8 +98,9 @@ class FakeOpenAI:
         def chat():
             body = request.get_json()
             with self._lock:
-                self.requests.append({"path": request.path, "json": body,
-                                      "headers": dict(request.headers)})
+                self.requests.append(
+                    {"path": request.path, "json": body, "headers": dict(request.headers)}
+                )
             behaviour = self._next()
             if isinstance(behaviour, Hang):
                 self._release.wait(HANG_LIMIT_SECONDS)
@@ -124,7 +125,12 @@ class FakeOpenAI:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model,
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": text}}],
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": text},
+                }
+            ],
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
         }

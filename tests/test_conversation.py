@@ -1,0 +1,121 @@
+"""Reprompts, confidence, and repeated deliveries of the same turn."""
+
+from __future__ import annotations
+
+import threading
+
+from ivr import create_app
+
+from .fakes.openai_server import Reply
+from .twilio_sim import TwilioCall, parse, signed_post, spoken
+
+
+def reprompt_line(prompts_dir):
+    return (prompts_dir / "reprompt.txt").read_text().strip()
+
+
+def test_silence_reprompts_without_calling_the_llm(call, fake_openai, prompts_dir):
+    call.start()
+    root = call.silence()
+    assert spoken(root) == [reprompt_line(prompts_dir)]
+    assert call.gather.get("action") == "/process-speech?turn=2"
+    assert fake_openai.chat_requests == []
+
+
+def test_low_confidence_reprompts_and_keeps_the_words_aside(call, fake_openai, redis, prompts_dir):
+    call.start()
+    root = call.say("mumble mumble", confidence=0.2)
+    assert spoken(root) == [reprompt_line(prompts_dir)]
+    assert fake_openai.chat_requests == []
+    transcript = call.client.application.extensions["ivr"].store.transcript(call.sid)
+    assert transcript[-1]["role"] == "caller_unclear"
+    assert transcript[-1]["content"] == "mumble mumble"
+    assert transcript[-1]["confidence"] == 0.2
+
+
+def test_confidence_at_the_threshold_is_accepted(call, fake_openai):
+    call.start()
+    assert spoken(call.say("just enough", confidence=0.5)) == ["You said: just enough"]
+
+
+def test_absent_confidence_with_speech_is_accepted(call, fake_openai):
+    call.start()
+    assert spoken(call.say("no confidence field", confidence=None)) == [
+        "You said: no confidence field"
+    ]
+    assert len(fake_openai.chat_requests) == 1
+
+
+def test_threshold_is_configurable(config, fake_openai):
+    call = TwilioCall(create_app({**config, "CONFIDENCE_THRESHOLD": "0.9"}).test_client())
+    call.start()
+    call.say("fairly sure", confidence=0.8)
+    assert fake_openai.chat_requests == []
+
+
+def test_after_the_reprompt_limit_the_agent_says_goodbye_and_hangs_up(call, prompts_dir):
+    call.start()
+    for _ in range(3):
+        root = call.silence()
+        assert root.find("Hangup") is None
+    root = call.silence()
+    assert [child.tag for child in root] == ["Say", "Hangup"]
+    assert spoken(root) == [(prompts_dir / "goodbye.txt").read_text().strip()]
+
+
+def test_the_reprompt_streak_resets_after_a_good_turn(call):
+    call.start()
+    call.silence()
+    call.silence()
+    call.say("hello")
+    for _ in range(3):
+        assert call.silence().find("Hangup") is None
+
+
+def test_the_fallback_redirect_is_treated_as_silence(call, prompts_dir):
+    call.start()
+    redirect = call.last.find("Redirect").text
+    root = parse(signed_post(call.client, redirect, call.params()))
+    assert spoken(root) == [reprompt_line(prompts_dir)]
+
+
+def test_a_repeated_delivery_replays_the_stored_answer(call, fake_openai, redis):
+    call.start()
+    action = call.gather.get("action")
+    params = call.params(SpeechResult="What time is it?", Confidence="0.9")
+    first = parse(signed_post(call.client, action, params))
+    again = parse(signed_post(call.client, action, params))
+    assert spoken(first) == spoken(again) == ["You said: What time is it?"]
+    assert len(fake_openai.chat_requests) == 1
+    roles = [
+        e["role"] for e in call.client.application.extensions["ivr"].store.transcript(call.sid)
+    ]
+    assert roles == ["assistant", "user", "assistant"]
+
+
+def test_a_retry_during_the_first_delivery_waits_for_its_answer(call, fake_openai):
+    call.start()
+    action = call.gather.get("action")
+    params = call.params(SpeechResult="slow question", Confidence="0.9")
+    fake_openai.queue(Reply("a slow answer", delay=0.5))
+    results = {}
+
+    def deliver(name):
+        results[name] = spoken(parse(signed_post(call.client, action, params)))
+
+    first = threading.Thread(target=deliver, args=("first",))
+    first.start()
+    while not fake_openai.chat_requests:  # the first delivery reached the LLM
+        threading.Event().wait(0.01)
+    deliver("retry")
+    first.join()
+    assert results == {"first": ["a slow answer"], "retry": ["a slow answer"]}
+    assert len(fake_openai.chat_requests) == 1
+
+
+def test_prompt_edits_take_effect_on_the_next_call(client, prompts_dir):
+    first = TwilioCall(client)
+    first.start()
+    (prompts_dir / "greeting.txt").write_text("Welcome to Ada's Bakery!\n")
+    second = TwilioCall(client)
+    assert spoken(second.start()) == ["Welcome to Ada's Bakery!"]

@@ -1,0 +1,54 @@
+"""Whatever fails inside, Twilio gets valid TwiML and the caller hears a line."""
+
+from __future__ import annotations
+
+from ivr import create_app
+
+from .conftest import free_port
+from .twilio_sim import TwilioCall, spoken
+
+
+def test_redis_down_from_the_start_still_answers(config, fake_openai, prompts_dir):
+    app = create_app({**config, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    call = TwilioCall(app.test_client())
+    assert spoken(call.start()) == [(prompts_dir / "greeting.txt").read_text().strip()]
+    assert spoken(call.say("Can you hear me?")) == ["You said: Can you hear me?"]
+    # Answered without history: only the system prompt and the caller's words.
+    assert [m["role"] for m in fake_openai.chat_requests[0]["messages"]] == ["system", "user"]
+    assert spoken(call.silence())  # the reprompt path survives too
+    health = app.test_client().get("/healthz")
+    assert health.status_code == 200
+    assert health.get_json() == {"status": "degraded", "redis": "unreachable"}
+
+
+def test_redis_lost_mid_call_still_answers(config, fake_openai):
+    healthy = create_app(config).test_client()
+    broken = create_app({**config, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    call = TwilioCall(healthy)
+    call.start()
+    call.say("first")
+    call.client = broken.test_client()
+    assert spoken(call.say("second")) == ["You said: second"]
+    assert call.gather.get("action") == "/process-speech?turn=3"
+
+
+def test_an_unexpected_error_becomes_a_spoken_apology(call, prompts_dir):
+    call.start()
+    (prompts_dir / "system.txt").unlink()  # the owner deleted a file mid-call
+    root = call.say("hello")
+    assert spoken(root) == [(prompts_dir / "apology.txt").read_text().strip()]
+    assert root.find("Gather").get("input") == "speech"
+
+
+def test_corrupt_call_state_becomes_a_spoken_apology(call, redis, prompts_dir):
+    call.start()
+    redis.hset(f"ivr:{{{call.sid}}}:results", "1", "{not json")
+    root = call.say("hello")
+    assert spoken(root) == [(prompts_dir / "apology.txt").read_text().strip()]
+
+
+def test_missing_prompt_files_fall_back_to_built_in_lines(call, prompts_dir):
+    call.start()
+    (prompts_dir / "reprompt.txt").unlink()
+    (line,) = spoken(call.silence())
+    assert line  # something is said even with the file gone

@@ -1,0 +1,114 @@
+"""LLM retries, deadlines and failures: the caller always hears something."""
+
+from __future__ import annotations
+
+import time
+
+import openai
+import pytest
+
+from ivr import create_app
+from ivr.llm import LLMUnavailable, Responder
+
+from .conftest import free_port
+from .fakes.openai_server import Fail, Hang, Reply
+from .twilio_sim import TwilioCall, spoken
+
+
+@pytest.fixture
+def responder(fake_openai):
+    client = openai.OpenAI(api_key="sk-test", base_url=fake_openai.url, max_retries=0)
+    return Responder(client, model="fake-model", attempt_timeout=1.0, max_tokens=50)
+
+
+def ask(responder, budget=3.0):
+    return responder.reply(
+        "be brief", [{"role": "user", "content": "hi"}], time.monotonic() + budget
+    )
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 429, 408, 409])
+def test_transient_failures_are_retried(responder, fake_openai, status):
+    fake_openai.queue(Fail(status), Reply("recovered"))
+    assert ask(responder) == "recovered"
+    assert len(fake_openai.chat_requests) == 2
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
+def test_client_errors_are_not_retried(responder, fake_openai, status):
+    fake_openai.queue(Fail(status), Reply("never asked"))
+    with pytest.raises(LLMUnavailable):
+        ask(responder)
+    assert len(fake_openai.chat_requests) == 1
+
+
+def test_retry_after_is_honoured(responder, fake_openai):
+    fake_openai.queue(Fail(429, headers={"Retry-After": "0.6"}), Reply("after the wait"))
+    started = time.monotonic()
+    assert ask(responder) == "after the wait"
+    assert time.monotonic() - started >= 0.6
+
+
+def test_retry_after_beyond_the_deadline_gives_up_at_once(responder, fake_openai):
+    fake_openai.queue(Fail(429, headers={"Retry-After": "30"}), Reply("too late"))
+    with pytest.raises(LLMUnavailable):
+        ask(responder, budget=2.0)
+    assert len(fake_openai.chat_requests) == 1
+
+
+def test_a_hung_attempt_times_out_and_the_next_one_answers(responder, fake_openai):
+    fake_openai.queue(Hang(), Reply("second try"))
+    assert ask(responder, budget=3.0) == "second try"
+    assert len(fake_openai.chat_requests) == 2
+
+
+def test_the_deadline_bounds_the_whole_turn(responder, fake_openai):
+    fake_openai.queue(*[Hang() for _ in range(10)])
+    started = time.monotonic()
+    with pytest.raises(LLMUnavailable):
+        ask(responder, budget=1.5)
+    assert time.monotonic() - started < 5  # a hang would last 30 s
+
+
+def test_the_request_carries_model_and_token_cap(responder, fake_openai):
+    ask(responder)
+    sent = fake_openai.chat_requests[0]
+    assert sent["model"] == "fake-model"
+    assert sent["max_completion_tokens"] == 50
+    assert sent["messages"] == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+    ]
+
+
+def test_when_the_llm_fails_the_caller_hears_the_error_line_and_keeps_talking(
+    call, fake_openai, prompts_dir
+):
+    call.start()
+    fake_openai.queue(*[Fail(500) for _ in range(20)])
+    root = call.say("Are you there?")
+    assert spoken(root) == [(prompts_dir / "error.txt").read_text().strip()]
+    assert call.gather.get("action") == "/process-speech?turn=2"
+    # The caller's words were kept: the next turn's LLM request includes them.
+    fake_openai.reset()
+    call.say("Hello again")
+    contents = [m["content"] for m in fake_openai.chat_requests[0]["messages"]]
+    assert contents[-2:] == ["Are you there?", "Hello again"]
+
+
+def test_an_unreachable_llm_gives_the_error_line(config, prompts_dir):
+    app = create_app({**config, "OPENAI_BASE_URL": f"http://127.0.0.1:{free_port()}/v1"})
+    call = TwilioCall(app.test_client())
+    call.start()
+    assert spoken(call.say("Hello?")) == [(prompts_dir / "error.txt").read_text().strip()]
+
+
+def test_a_hanging_llm_is_cut_off_by_the_deadline(config, fake_openai, prompts_dir):
+    app = create_app({**config, "LLM_DEADLINE_SECONDS": "1.5"})
+    call = TwilioCall(app.test_client())
+    call.start()
+    fake_openai.queue(*[Hang() for _ in range(10)])
+    started = time.monotonic()
+    root = call.say("Hello?")
+    assert time.monotonic() - started < 5  # a hang would last 30 s
+    assert spoken(root) == [(prompts_dir / "error.txt").read_text().strip()]
