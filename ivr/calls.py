@@ -123,19 +123,32 @@ class CallStore:
             self._expire_all(pipe, sid, self.ttl)
             return pipe.execute()[0]
 
-    # -- replayed webhooks ---------------------------------------------------------
+    # -- one Gather turn: begin and end in one round trip each -------------------
+
+    def begin_turn(self, sid: str, turn: int, claim_seconds: int) -> tuple[dict | None, bool]:
+        """(stored answer or None, whether this delivery claimed the turn).
+
+        A webhook delivered twice (Twilio or a proxy retrying) finds the first
+        delivery's answer here, or learns that the first is still being answered.
+        """
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self._key(sid, "results"), str(turn))
+            pipe.set(self._key(sid, f"claim:{turn}"), 1, nx=True, ex=claim_seconds)
+            stored, claimed = pipe.execute()
+        return (json.loads(stored) if stored else None), bool(claimed)
 
     def stored_result(self, sid: str, turn: int) -> dict | None:
         raw = self.redis.hget(self._key(sid, "results"), str(turn))
         return json.loads(raw) if raw else None
 
-    def claim_turn(self, sid: str, turn: int, seconds: int) -> bool:
-        """True for the first delivery of a turn; a retry of it gets False."""
-        return bool(self.redis.set(self._key(sid, f"claim:{turn}"), 1, nx=True, ex=seconds))
-
-    def store_result(self, sid: str, turn: int, result: dict) -> None:
+    def end_turn(self, sid: str, turn: int | None, result: dict, agent_said: str | None) -> None:
+        """Store the turn's answer for replays and the agent's words in the transcript."""
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._key(sid, "results"), str(turn), json.dumps(result))
+            if agent_said:
+                pipe.rpush(self._key(sid, "transcript"), _entry("assistant", agent_said, "gather"))
+                pipe.ltrim(self._key(sid, "transcript"), -TRANSCRIPT_HARD_CAP, -1)
+            if turn:
+                pipe.hset(self._key(sid, "results"), str(turn), json.dumps(result))
             self._expire_all(pipe, sid, self.ttl)
             pipe.execute()
 

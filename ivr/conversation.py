@@ -66,20 +66,19 @@ class Conversation:
         """Answer turn `turn` of call `sid`; `started` is the request's monotonic time."""
         deadline = started + self.settings.llm_deadline
         if turn:
-            stored = self._safely(sid, "replay", lambda: self.store.stored_result(sid, turn))
+            stored, first = self._safely(
+                sid,
+                "begin turn",
+                lambda: self.store.begin_turn(sid, turn, int(self.settings.llm_deadline) + 10),
+                (None, True),
+            )
             if stored:
                 return stored
-            first = self._safely(
-                sid,
-                "claim",
-                lambda: self.store.claim_turn(sid, turn, int(self.settings.llm_deadline) + 10),
-                True,
-            )
             if not first:
                 return self._await_first_delivery(sid, turn, deadline)
         result = self._answer(sid, turn, speech.strip(), confidence, deadline)
-        if turn:
-            self._safely(sid, "store result", lambda: self.store.store_result(sid, turn, result))
+        said = result["text"] if result["kind"] == "answer" else None
+        self._safely(sid, "end turn", lambda: self.store.end_turn(sid, turn, result, said))
         return result
 
     def finish(self, sid: str, status: str) -> None:
@@ -107,7 +106,6 @@ class Conversation:
         text = make_speakable(raw, self.settings.max_reply_chars)
         if not text:
             return {"kind": "error", "text": self.line("error"), "next": next_turn}
-        self._safely(sid, "record agent", lambda: self.store.record_agent(sid, text))
         return {"kind": "answer", "text": text, "next": next_turn}
 
     def _reprompt(

@@ -8,6 +8,7 @@ behaviours for the next requests and assert on what the fake received.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -45,7 +46,7 @@ def echo(messages: list[dict]) -> str:
 
 
 class FakeOpenAI:
-    def __init__(self):
+    def __init__(self, port: int = 0):
         self.requests: list[dict] = []
         self._script: deque = deque()
         self._lock = threading.Lock()
@@ -53,7 +54,8 @@ class FakeOpenAI:
         self._ids = itertools.count(1)
         self.default_delay = 0.0
         self.app = self._build_app()
-        self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+        self.server = make_server("127.0.0.1", port, self.app, threaded=True)
         self.port = self.server.server_port
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -134,3 +136,16 @@ class FakeOpenAI:
             ],
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
         }
+
+
+def main() -> None:
+    """Serve the fake on its own (benchmarks): python -m tests.fakes.openai_server PORT DELAY."""
+    import sys
+
+    fake = FakeOpenAI(port=int(sys.argv[1]))
+    fake.default_delay = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
+    fake.server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
