@@ -1,0 +1,34 @@
+"""Prompt files are re-read when they change on disk."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ivr.prompts import PromptError, Prompts
+
+
+def test_a_changed_file_is_reloaded(tmp_path):
+    path = tmp_path / "greeting.txt"
+    path.write_text("Hello.\n")
+    prompts = Prompts(tmp_path)
+    assert prompts.get("greeting") == "Hello."
+    path.write_text("Howdy.\n")
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    assert prompts.get("greeting") == "Howdy."
+
+
+def test_a_missing_file_raises_and_say_falls_back(tmp_path):
+    prompts = Prompts(tmp_path)
+    with pytest.raises(PromptError):
+        prompts.get("nope")
+    assert prompts.say("nope", "built-in") == "built-in"
+    assert prompts.missing(["nope"]) == ["nope"]
+
+
+def test_the_shipped_prompts_are_complete():
+    from ivr.config import DEFAULT_PROMPTS_DIR
+    from ivr.prompts import REQUIRED
+
+    assert Prompts(DEFAULT_PROMPTS_DIR).missing(REQUIRED) == []
