@@ -11,7 +11,9 @@ import os
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gevent")
 # One process per core; WEB_CONCURRENCY is what Heroku-style platforms set.
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+# Without REDIS_URL each process would keep its own call state, so a call's
+# turns must all reach the same process: one.
+workers = int(os.environ.get("WEB_CONCURRENCY", "2" if os.environ.get("REDIS_URL") else "1"))
 # gevent: concurrent requests (calls in a turn, or live streams) per process.
 worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "1000"))
 # gthread, if chosen instead: threads per process.
