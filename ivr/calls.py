@@ -73,6 +73,21 @@ class CallStore:
             self._expire_all(pipe, sid, self.retention)
             pipe.execute()
 
+    def resume_in_gather(self, sid: str) -> int:
+        """Switch a call to Gather mode; returns the first turn number to use.
+
+        Turns after a stream are numbered from a fresh block of 1000 so they
+        never collide with stored answers of earlier Gather turns.
+        """
+        meta = self._key(sid, "meta")
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(meta, "turn_block", 1)
+            pipe.hset(meta, "mode", "gather")
+            pipe.hincrby(meta, "stream_fallbacks", 1)
+            self._expire_all(pipe, sid, self.ttl)
+            block = pipe.execute()[0]
+        return block * 1000 + 1
+
     def meta(self, sid: str) -> dict[str, str]:
         raw = self.redis.hgetall(self._key(sid, "meta"))
         return {_text(k): _text(v) for k, v in raw.items()}

@@ -58,6 +58,13 @@ class Settings:
     speech_hints: str = ""
 
     streaming_enabled: bool = False
+    stream_connect_timeout: float = 2.0
+    realtime_voice: str = "marin"
+    realtime_turn_detection: str = "server_vad"
+    realtime_transcription_model: str = "gpt-4o-mini-transcribe"
+    stream_breaker_threshold: int = 3
+    stream_breaker_cooldown: int = 60
+    stream_ping_interval: float = 20.0
     prompts_dir: Path = field(default=DEFAULT_PROMPTS_DIR)
 
     @property
@@ -95,6 +102,13 @@ _SPEC: list[tuple[str, str, str]] = [
     ("speech_timeout", "SPEECH_TIMEOUT", "str"),
     ("speech_hints", "SPEECH_HINTS", "str"),
     ("streaming_enabled", "STREAMING_ENABLED", "bool"),
+    ("stream_connect_timeout", "STREAM_CONNECT_TIMEOUT_SECONDS", "float"),
+    ("realtime_voice", "REALTIME_VOICE", "str"),
+    ("realtime_turn_detection", "REALTIME_TURN_DETECTION", "str"),
+    ("realtime_transcription_model", "REALTIME_TRANSCRIPTION_MODEL", "str"),
+    ("stream_breaker_threshold", "STREAM_BREAKER_THRESHOLD", "int"),
+    ("stream_breaker_cooldown", "STREAM_BREAKER_COOLDOWN_SECONDS", "int"),
+    ("stream_ping_interval", "STREAM_PING_SECONDS", "float"),
     ("prompts_dir", "PROMPTS_DIR", "path"),
 ]
 
@@ -192,6 +206,20 @@ def _check(s: Settings) -> list[str]:
     if s.redis_url and not s.redis_url.startswith(("redis://", "rediss://", "unix://")):
         problems.append(
             f"REDIS_URL must start with redis://, rediss:// or unix://, not {s.redis_url!r}."
+        )
+    if s.realtime_turn_detection not in ("server_vad", "semantic_vad"):
+        problems.append(
+            f"REALTIME_TURN_DETECTION must be server_vad or semantic_vad, "
+            f"not {s.realtime_turn_detection!r}."
+        )
+    if not 0 < s.stream_connect_timeout <= 10:
+        problems.append(
+            f"STREAM_CONNECT_TIMEOUT_SECONDS must be above 0 and at most 10 (the caller waits "
+            f"in silence meanwhile), not {s.stream_connect_timeout:g}."
+        )
+    if s.stream_breaker_threshold < 1 or s.stream_breaker_cooldown < 1:
+        problems.append(
+            "STREAM_BREAKER_THRESHOLD and STREAM_BREAKER_COOLDOWN_SECONDS must be at least 1."
         )
     if not s.prompts_dir.is_dir():
         problems.append(f"PROMPTS_DIR {str(s.prompts_dir)!r} is not a directory.")

@@ -32,6 +32,7 @@ FALLBACK_LINES = {
     "goodbye": "Goodbye.",
     "error": "Sorry, I couldn't answer that just now. Could you say it again?",
     "apology": "Sorry, something went wrong. Let's try again.",
+    "stream_fallback": "Sorry, the line cut out for a moment. What were you saying?",
 }
 
 # How often a repeated delivery looks for the first delivery's stored answer.
@@ -52,13 +53,21 @@ class Conversation:
 
     # -- entry points -------------------------------------------------------------
 
+    def begin_call(self, sid: str, caller: str, callee: str, mode: str) -> bool:
+        """Record a new call; False for a repeated /voice or when Redis is down."""
+        start = lambda: self.store.start(sid, caller=caller, callee=callee, mode=mode)  # noqa: E731
+        return bool(self._safely(sid, "start", start))
+
     def greet(self, sid: str, caller: str = "", callee: str = "") -> dict:
         greeting = self.line("greeting")
-        if self._safely(
-            sid, "start", lambda: self.store.start(sid, caller=caller, callee=callee), None
-        ):
+        if self.begin_call(sid, caller, callee, mode="gather"):
             self._safely(sid, "record greeting", lambda: self.store.record_agent(sid, greeting))
         return {"kind": "answer", "text": greeting, "next": 1}
+
+    def resume_after_stream(self, sid: str) -> dict:
+        """The stream ended under a live call: carry on in Gather mode, history intact."""
+        turn = self._safely(sid, "resume", lambda: self.store.resume_in_gather(sid))
+        return {"kind": "answer", "text": self.line("stream_fallback"), "next": turn}
 
     def take_turn(
         self, sid: str, turn: int | None, speech: str, confidence: float | None, started: float

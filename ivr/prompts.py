@@ -20,6 +20,7 @@ REQUIRED = {
     "goodbye": "said before hanging up after too many reprompts",
     "error": "said when the language model could not answer in time",
     "apology": "said when something unexpected failed; the call goes on",
+    "stream_fallback": "said when a streaming call falls back to Gather mode",
 }
 
 

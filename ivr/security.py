@@ -46,8 +46,13 @@ def signature_is_valid() -> bool:
     if settings_header and settings.twilio_webhook_signing_secret:
         secret = settings.twilio_webhook_signing_secret
     algorithm = get_signature_algorithm(settings_header)
-    params = request.form if request.method == "POST" else {}
-    return RequestValidator(secret).validate(public_url(), params, signature, algorithm)
+    validator = RequestValidator(secret)
+    url = public_url()
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        # Twilio signs the wss:// URL of a media stream, with no parameters.
+        ws_url = "ws" + url[len("http") :]
+        return validator.validate(ws_url, {}, signature, algorithm)
+    return validator.validate(url, request.form, signature, algorithm)
 
 
 def twilio_signed(view):

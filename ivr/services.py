@@ -15,6 +15,7 @@ from flask import current_app
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from .breaker import StreamBreaker
 from .calls import CallStore
 from .config import Settings
 from .conversation import Conversation
@@ -33,6 +34,7 @@ class Services:
     store: CallStore
     responder: Responder
     conversation: Conversation
+    breaker: StreamBreaker
 
 
 def get_services() -> Services:
@@ -90,4 +92,9 @@ def build_services(settings: Settings, prompts: Prompts) -> Services:
         store=store,
         responder=responder,
         conversation=Conversation(store, responder, prompts, settings),
+        breaker=StreamBreaker(
+            redis_client,
+            threshold=settings.stream_breaker_threshold,
+            cooldown=settings.stream_breaker_cooldown,
+        ),
     )

@@ -7,7 +7,7 @@ they stay right behind any proxy or custom domain without knowing the host.
 from __future__ import annotations
 
 from flask import Response
-from twilio.twiml.voice_response import Gather, VoiceResponse
+from twilio.twiml.voice_response import Connect, Gather, Stream, VoiceResponse
 
 from .config import Settings
 
@@ -56,3 +56,21 @@ def goodbye(text: str, settings: Settings) -> VoiceResponse:
 def render(doc: VoiceResponse, status: int = 200) -> Response:
     """The one way views return TwiML."""
     return Response(str(doc), status=status, mimetype="text/xml")
+
+
+def connect_stream(stream_url: str, action_url: str, parameters: dict[str, str]) -> VoiceResponse:
+    """Hand the call to the media-stream relay.
+
+    Twilio forbids a query string on the Stream URL, so call data travels as
+    <Parameter> elements (they arrive in the `start` message). When our side
+    closes the socket, Twilio requests the Connect action: the way back to
+    Gather mode.
+    """
+    response = VoiceResponse()
+    connect = Connect(action=action_url, method="POST")
+    stream = Stream(url=stream_url)
+    for name, value in parameters.items():
+        stream.parameter(name=name, value=value)
+    connect.append(stream)
+    response.append(connect)
+    return response

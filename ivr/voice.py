@@ -13,6 +13,7 @@ from .calls import ENDED_STATUSES
 from .conversation import render_result
 from .security import twilio_signed
 from .services import get_services
+from .streaming import FALLBACK_PATH, answer_with_stream
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,20 @@ def _turn() -> int | None:
 @twilio_webhook
 def voice(sid: str):
     services = get_services()
-    form = request.form
-    result = services.conversation.greet(sid, form.get("From", ""), form.get("To", ""))
+    caller, callee = request.form.get("From", ""), request.form.get("To", "")
+    stream = answer_with_stream(sid, caller, callee)
+    if stream is not None:
+        return twiml.render(stream)
+    result = services.conversation.greet(sid, caller, callee)
+    return twiml.render(render_result(result, services.settings))
+
+
+@bp.post(FALLBACK_PATH)
+@twilio_webhook
+def stream_ended(sid: str):
+    """<Connect action>: the stream closed under a live call; go on in Gather mode."""
+    services = get_services()
+    result = services.conversation.resume_after_stream(sid)
     return twiml.render(render_result(result, services.settings))
 
 

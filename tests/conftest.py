@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -137,3 +138,39 @@ def client(app):
 def call(client):
     """A call placed as Twilio would place it, on the Flask test client."""
     return TwilioCall(client)
+
+
+@pytest.fixture
+def stream_config(config):
+    return {
+        **config,
+        "STREAMING_ENABLED": "true",
+        "OPENAI_REALTIME_MODEL": "fake-realtime",
+        "STREAM_CONNECT_TIMEOUT_SECONDS": "1",
+    }
+
+
+class LiveServer:
+    """The app on a real loopback HTTP/WebSocket server, in a thread."""
+
+    def __init__(self, app):
+        from werkzeug.serving import make_server
+
+        self.app = app
+        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.port = self.server.server_port
+        self.http = f"http://127.0.0.1:{self.port}"
+        self.ws = f"ws://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def live(stream_config):
+    server = LiveServer(create_app(stream_config))
+    yield server
+    server.stop()

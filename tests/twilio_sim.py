@@ -60,8 +60,10 @@ class TwilioCall:
         sid: str | None = None,
         caller: str = "+15550001111",
         callee: str = "+15550002222",
+        base_url: str = BASE_URL,
     ):
         self.client = client
+        self.base_url = base_url
         self.sid = sid or new_sid()
         self.caller, self.callee = caller, callee
         self.last: ET.Element | None = None
@@ -78,7 +80,11 @@ class TwilioCall:
         }
 
     def start(self) -> ET.Element:
-        self.last = parse(signed_post(self.client, "/voice", self.params(CallStatus="ringing")))
+        self.last = parse(
+            signed_post(
+                self.client, "/voice", self.params(CallStatus="ringing"), base_url=self.base_url
+            )
+        )
         return self.last
 
     @property
@@ -87,9 +93,21 @@ class TwilioCall:
         assert gather is not None, "the last TwiML has no <Gather>"
         return gather
 
+    def post(self, path: str, **fields) -> ET.Element:
+        """A webhook Twilio requests on its own, e.g. a <Connect action>."""
+        self.last = parse(
+            signed_post(self.client, path, self.params(**fields), base_url=self.base_url)
+        )
+        return self.last
+
     def post_action(self, **fields) -> ET.Element:
         self.last = parse(
-            signed_post(self.client, self.gather.get("action"), self.params(**fields))
+            signed_post(
+                self.client,
+                self.gather.get("action"),
+                self.params(**fields),
+                base_url=self.base_url,
+            )
         )
         return self.last
 
@@ -104,5 +122,8 @@ class TwilioCall:
 
     def hang_up(self, status: str = "completed"):
         return signed_post(
-            self.client, "/call-status", self.params(CallStatus=status, CallDuration="42")
+            self.client,
+            "/call-status",
+            self.params(CallStatus=status, CallDuration="42"),
+            base_url=self.base_url,
         )

@@ -14,8 +14,11 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from flask import Flask, jsonify, request
+from flask import Flask, abort, jsonify, request
+from flask_sock import Sock
 from werkzeug.serving import make_server
+
+from .realtime import RealtimeScript, RealtimeSession
 
 # A hang never outlives this, so a broken test cannot wedge the session.
 HANG_LIMIT_SECONDS = 30.0
@@ -53,6 +56,9 @@ class FakeOpenAI:
         self._release = threading.Event()
         self._ids = itertools.count(1)
         self.default_delay = 0.0
+        self.realtime = RealtimeScript()
+        self.realtime_events: list[dict] = []
+        self.realtime_handshakes: list[dict] = []
         self.app = self._build_app()
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
         self.server = make_server("127.0.0.1", port, self.app, threaded=True)
@@ -80,7 +86,10 @@ class FakeOpenAI:
         with self._lock:
             self._script.clear()
             self.requests.clear()
+            self.realtime_events.clear()
+            self.realtime_handshakes.clear()
         self.default_delay = 0.0
+        self.realtime = RealtimeScript()
         self._release = threading.Event()
 
     @property
@@ -119,7 +128,35 @@ class FakeOpenAI:
                 text = echo(body["messages"])
             return jsonify(self._completion(body["model"], text))
 
+        sock = Sock(app)
+
+        @app.before_request
+        def realtime_gate():
+            if request.path != "/v1/realtime":
+                return None
+            with self._lock:
+                self.realtime_handshakes.append(
+                    {"model": request.args.get("model"), "headers": dict(request.headers)}
+                )
+            if self.realtime.mode == "refuse":
+                abort(403)
+            if self.realtime.mode == "hang":
+                self._release.wait(HANG_LIMIT_SECONDS)
+                abort(504)
+            return None
+
+        @sock.route("/v1/realtime")
+        def realtime(ws):
+            RealtimeSession(
+                ws, self.realtime, self.realtime_events, self._lock, request.args.get("model", "")
+            ).run()
+
         return app
+
+    def events(self, kind: str) -> list[dict]:
+        """Realtime events of one type the fake received, in order."""
+        with self._lock:
+            return [e for e in self.realtime_events if e["type"] == kind]
 
     def _completion(self, model: str, text: str) -> dict:
         return {

@@ -1,0 +1,405 @@
+"""The media-stream relay: Twilio Media Streams <-> a realtime speech model.
+
+`Relay` is a plain class. It takes a Twilio socket (`send(str)`,
+`receive(timeout) -> str | None`, `close()`) and a function that opens the
+model connection (`send_raw(str)`, `recv_bytes() -> bytes`, `close()`), so
+tests drive it with fakes as well as with real sockets.
+
+Two loops run per call: the caller's (Twilio -> model, in the request's own
+thread or greenlet) and the model's (model -> Twilio, in a second one).
+
+Hot path. A call carries ~50 caller frames and tens of model deltas a second.
+Both sides speak mu-law 8 kHz (`audio/pcmu`), so base64 payloads pass through
+untouched, and the per-frame messages are built as strings around the payload
+instead of through json.dumps or the SDK's typed events (which run a
+TypedDict transform per event; see the README's relay benchmark).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .calls import CallStore
+
+log = logging.getLogger(__name__)
+
+BYTES_PER_MS = 8  # mu-law, 8000 samples/s, one byte per sample
+MAX_EARLY_FRAMES = 250  # caller audio kept while the model connects: 5 s of 20 ms frames
+WAIT_TICK = 0.05  # how often the caller's loop looks at the model while it connects
+
+
+class ModelUnavailable(Exception):
+    """The realtime model could not be reached, or went away."""
+
+
+@dataclass
+class RelayConfig:
+    call_sid_hint: str = ""
+    instructions: str = ""
+    greeting: str = ""
+    voice: str = "marin"
+    turn_detection: str = "server_vad"
+    transcription_model: str = "gpt-4o-mini-transcribe"
+    connect_timeout: float = 2.0
+
+
+@dataclass
+class _Playback:
+    """What the caller has heard of the agent's current audio item, from marks."""
+
+    item_id: str | None = None
+    sent_bytes: int = 0
+    started_at: float = 0.0
+    acked_bytes: int = 0
+    acked_at: float = 0.0
+    pending: collections.deque = field(default_factory=collections.deque)
+
+    def heard_ms(self, now: float) -> int:
+        """Audio played so far: the last acknowledged mark, plus real time since then.
+
+        Twilio plays at 8 bytes/ms; the estimate is capped at the next mark's
+        end, since audio not yet marked as sent cannot have played.
+        """
+        base_bytes, since = (
+            (self.acked_bytes, self.acked_at) if self.acked_at else (0, self.started_at)
+        )
+        estimate = base_bytes + (now - since) * 1000 * BYTES_PER_MS
+        ceiling = self.pending[0][1] if self.pending else self.sent_bytes
+        return int(min(estimate, ceiling) // BYTES_PER_MS)
+
+
+class Relay:
+    def __init__(
+        self,
+        twilio,
+        open_model: Callable[[], object],
+        *,
+        store: CallStore | None,
+        config: RelayConfig,
+        on_failure: Callable[[str], None] = lambda reason: None,
+        on_success: Callable[[], None] = lambda: None,
+        on_dtmf: Callable[[Relay, str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.twilio = twilio
+        self.open_model = open_model
+        self.store = store
+        self.config = config
+        self.on_failure = on_failure
+        self.on_success = on_success
+        self.on_dtmf = on_dtmf
+        self.clock = clock
+
+        self.model = None
+        self.call_sid = ""
+        self.stream_sid = ""
+        self.custom: dict = {}
+        self.outcome = "running"  # then: caller-hung-up, model-lost, model-unreachable
+        self._model_ready = threading.Event()
+        self._model_failed: str | None = None
+        self._stopping = False
+        self._early_frames: collections.deque = collections.deque(maxlen=MAX_EARLY_FRAMES)
+        self._playback = _Playback()
+        self._truncated: set[str] = set()
+        self._response_active = False
+        self._mark_seq = 0
+        self._reader: threading.Thread | None = None
+        self._model_handlers = {
+            "response.output_audio.delta": self._on_audio_delta,
+            "input_audio_buffer.speech_started": self._on_speech_started,
+            "response.created": self._on_response_created,
+            "response.done": self._on_response_done,
+            "conversation.item.input_audio_transcription.completed": self._on_caller_transcript,
+            "response.output_audio_transcript.done": self._on_agent_transcript,
+            "error": self._on_model_error,
+        }
+
+    # -- the caller's loop ------------------------------------------------------------
+
+    def run(self) -> str:
+        """Relay until the call or the model ends; returns how it ended."""
+        connector = threading.Thread(target=self._connect_model, name="model-connect", daemon=True)
+        connector.start()
+        deadline = self.clock() + self.config.connect_timeout
+        started = False
+        try:
+            while not self._stopping:
+                waiting = not started
+                message = self.twilio.receive(timeout=WAIT_TICK if waiting else 1.0)
+                if message is not None:
+                    self._on_twilio(message, started)
+                if started or self._stopping:
+                    continue
+                if self._model_failed or (
+                    not self._model_ready.is_set() and self.clock() > deadline
+                ):
+                    reason = self._model_failed or "connect timed out"
+                    self._fail("model-unreachable", reason)
+                    break
+                if self._model_ready.is_set() and self.stream_sid:
+                    self._begin()
+                    started = True
+        except Exception as exc:  # the socket closed, or a bug: end the stream either way
+            if not self._stopping:
+                log.info("call %s: stream ended: %s", self.call_sid or "?", exc)
+                if self.outcome == "running":
+                    self.outcome = "caller-hung-up"
+        finally:
+            self._shutdown()
+        return self.outcome
+
+    def _on_twilio(self, message: str, started: bool) -> None:
+        # Media frames are most of the traffic: forward them without parsing.
+        if '"event":"media"' in message:
+            self._forward_audio(_payload(message), started)
+            return
+        event = json.loads(message)
+        kind = event.get("event")
+        if kind == "media":
+            self._forward_audio(event["media"].get("payload"), started)
+        elif kind == "mark":
+            self._on_mark(event["mark"]["name"])
+        elif kind == "start":
+            start = event["start"]
+            self.stream_sid = start["streamSid"]
+            self.call_sid = start.get("callSid", "")
+            self.custom = start.get("customParameters") or {}
+        elif kind == "dtmf":
+            digit = event["dtmf"]["digit"]
+            self._record("dtmf", digit)
+            if self.on_dtmf:
+                self.on_dtmf(self, digit)
+        elif kind == "stop":
+            self.outcome = "caller-hung-up"
+            self._stopping = True
+
+    def _forward_audio(self, payload: str | None, started: bool) -> None:
+        if not payload:
+            return
+        if started:
+            self.model.send_raw('{"type":"input_audio_buffer.append","audio":"' + payload + '"}')
+        else:
+            self._early_frames.append(payload)
+
+    def _on_mark(self, name: str) -> None:
+        pending = self._playback.pending
+        while pending:
+            mark_name, end_bytes, item_id = pending.popleft()
+            if mark_name == name:
+                if item_id == self._playback.item_id:
+                    self._playback.acked_bytes = end_bytes
+                    self._playback.acked_at = self.clock()
+                return
+
+    # -- model connection -------------------------------------------------------------
+
+    def _connect_model(self) -> None:
+        try:
+            model = self.open_model()
+        except Exception as exc:  # refused, timed out, bad credentials: all mean fall back
+            self._model_failed = f"connect failed: {exc}"
+            return
+        if self._stopping:  # the caller hung up while we were connecting
+            _close_quietly(model)
+            return
+        self.model = model
+        try:
+            model.send_raw(json.dumps(self._session_update()))
+        except Exception as exc:
+            self._model_failed = f"session.update failed: {exc}"
+            return
+        self._model_ready.set()
+
+    def _session_update(self) -> dict:
+        c = self.config
+        return {
+            "type": "session.update",
+            "session": {
+                "type": "realtime",
+                "instructions": c.instructions,
+                "output_modalities": ["audio"],
+                "audio": {
+                    "input": {
+                        "format": {"type": "audio/pcmu"},
+                        "turn_detection": {"type": c.turn_detection},
+                        "transcription": {"model": c.transcription_model},
+                    },
+                    "output": {"format": {"type": "audio/pcmu"}, "voice": c.voice},
+                },
+            },
+        }
+
+    def _begin(self) -> None:
+        """Both sides are up: seed the history, greet a new caller, start relaying."""
+        history = self._history()
+        for message in history:
+            kind = "input_text" if message["role"] == "user" else "output_text"
+            self.model.send_raw(
+                json.dumps(
+                    {
+                        "type": "conversation.item.create",
+                        "item": {
+                            "type": "message",
+                            "role": message["role"],
+                            "content": [{"type": kind, "text": message["content"]}],
+                        },
+                    }
+                )
+            )
+        if not history and self.config.greeting:
+            greet = f"Greet the caller by saying exactly: {self.config.greeting}"
+            self.model.send_raw(
+                json.dumps({"type": "response.create", "response": {"instructions": greet}})
+            )
+        while self._early_frames:
+            self.model.send_raw(
+                '{"type":"input_audio_buffer.append","audio":"'
+                + self._early_frames.popleft()
+                + '"}'
+            )
+        self._reader = threading.Thread(target=self._read_model, name="model-reader", daemon=True)
+        self._reader.start()
+        self.on_success()
+
+    def _history(self) -> list[dict]:
+        if not (self.store and self.call_sid):
+            return []
+        try:
+            return self.store.history(self.call_sid)
+        except Exception as exc:  # Redis down: the call goes on without memory
+            log.error("call %s: history unavailable for the stream: %s", self.call_sid, exc)
+            return []
+
+    # -- the model's loop ------------------------------------------------------------
+
+    def _read_model(self) -> None:
+        handlers = self._model_handlers
+        try:
+            while True:
+                event = json.loads(self.model.recv_bytes())
+                handler = handlers.get(event.get("type"))
+                if handler:
+                    handler(event)
+        except Exception as exc:  # closed by us, dropped by the model, or a bad event
+            if not self._stopping:
+                self._fail("model-lost", f"model connection lost: {exc!r}")
+
+    def _on_audio_delta(self, event: dict) -> None:
+        item_id = event["item_id"]
+        if item_id in self._truncated:
+            return  # audio generated before our cancel arrived: the caller moved on
+        delta = event["delta"]
+        playback = self._playback
+        now = self.clock()
+        if item_id != playback.item_id:
+            self._playback = playback = _Playback(item_id=item_id, started_at=now)
+        playback.sent_bytes += _decoded_length(delta)
+        self._mark_seq += 1
+        name = f"m{self._mark_seq}"
+        playback.pending.append((name, playback.sent_bytes, item_id))
+        sid = self.stream_sid
+        self.twilio.send(
+            '{"event":"media","streamSid":"' + sid + '","media":{"payload":"' + delta + '"}}'
+        )
+        self.twilio.send(
+            '{"event":"mark","streamSid":"' + sid + '","mark":{"name":"' + name + '"}}'
+        )
+
+    def _on_speech_started(self, event: dict) -> None:
+        """Barge-in: the caller talks over the agent. Stop the audio first, then the model."""
+        playback = self._playback
+        speaking = bool(playback.pending)
+        if not (speaking or self._response_active):
+            return
+        if speaking:
+            heard_ms = playback.heard_ms(self.clock())
+            self.twilio.send('{"event":"clear","streamSid":"' + self.stream_sid + '"}')
+            playback.pending.clear()  # Twilio returns these marks unplayed after a clear
+            self._truncated.add(playback.item_id)
+            self.model.send_raw(
+                json.dumps(
+                    {
+                        "type": "conversation.item.truncate",
+                        "item_id": playback.item_id,
+                        "content_index": 0,
+                        "audio_end_ms": heard_ms,
+                    }
+                )
+            )
+        if self._response_active:
+            self.model.send_raw('{"type":"response.cancel"}')
+            self._response_active = False
+
+    def _on_response_created(self, event: dict) -> None:
+        self._response_active = True
+
+    def _on_response_done(self, event: dict) -> None:
+        self._response_active = False
+
+    def _on_caller_transcript(self, event: dict) -> None:
+        self._record("user", event.get("transcript", "").strip())
+
+    def _on_agent_transcript(self, event: dict) -> None:
+        extra = {"interrupted": True} if event.get("item_id") in self._truncated else {}
+        self._record("assistant", event.get("transcript", "").strip(), **extra)
+
+    def _on_model_error(self, event: dict) -> None:
+        # Most error events are about one request (e.g. cancelling a response
+        # that already finished); the session goes on.
+        log.warning(
+            "call %s: realtime model error: %s",
+            self.call_sid,
+            event.get("error", {}).get("message", event),
+        )
+
+    # -- shared ------------------------------------------------------------------------
+
+    def _record(self, role: str, text: str, **extra) -> None:
+        if not (text and self.store and self.call_sid):
+            return
+        try:
+            self.store.append(self.call_sid, role, text, "stream", **extra)
+        except Exception as exc:  # a transcript line is not worth the call
+            log.error("call %s: transcript not stored: %s", self.call_sid, exc)
+
+    def _fail(self, outcome: str, reason: str) -> None:
+        """The model is gone: close Twilio's socket so its <Connect action> runs Gather mode."""
+        log.warning("call %s: %s; falling back to Gather mode", self.call_sid or "?", reason)
+        self.outcome = outcome
+        self.on_failure(reason)
+        self._stopping = True
+        _close_quietly(self.twilio)
+
+    def _shutdown(self) -> None:
+        self._stopping = True
+        if self.model is not None:
+            _close_quietly(self.model)  # an open realtime session bills by the minute
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(timeout=2)
+
+
+def _payload(message: str) -> str | None:
+    """The base64 payload of a Twilio media message, found without a JSON parse."""
+    start = message.find('"payload":"')
+    if start < 0:
+        return json.loads(message).get("media", {}).get("payload")
+    start += len('"payload":"')
+    end = message.find('"', start)
+    return message[start:end] if end > 0 else None
+
+
+def _decoded_length(b64: str) -> int:
+    return len(b64) * 3 // 4 - b64.count("=", -2)
+
+
+def _close_quietly(conn) -> None:
+    try:
+        conn.close()
+    except Exception as exc:  # already closed, or the peer is gone
+        log.debug("close: %s", exc)

@@ -1,0 +1,108 @@
+"""Streaming mode: the <Connect><Stream> answer and the /media-stream WebSocket.
+
+The relay itself is in relay.py; this module wires it to the app: the
+signed handshake, the realtime model connection (opened through the openai
+SDK with a connect budget), and the circuit breaker that sends calls to
+Gather mode while the model is failing.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from flask import Blueprint, abort, request
+from flask_sock import Sock
+from twilio.twiml.voice_response import VoiceResponse
+
+from . import twiml
+from .relay import Relay, RelayConfig
+from .security import signature_is_valid
+from .services import Services, get_services
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("streaming", __name__)
+sock = Sock()
+
+STREAM_PATH = "/media-stream"
+FALLBACK_PATH = "/stream-ended"
+
+
+def stream_url(services: Services) -> str:
+    """The wss:// URL of /media-stream, as Twilio must reach it."""
+    base = services.settings.public_base_url or f"https://{request.host}"
+    host = base.split("://", 1)[1].rstrip("/")
+    return f"wss://{host}{STREAM_PATH}"
+
+
+def answer_with_stream(sid: str, caller: str, callee: str) -> VoiceResponse | None:
+    """<Connect><Stream> for a new call, or None when Gather mode should answer it."""
+    services = get_services()
+    if not services.settings.streaming_enabled:
+        return None
+    if services.breaker.is_open():
+        log.info("call %s: streaming breaker open; answering in Gather mode", sid)
+        return None
+    services.conversation.begin_call(sid, caller, callee, mode="stream")
+    return twiml.connect_stream(stream_url(services), FALLBACK_PATH, {"from": caller, "to": callee})
+
+
+@bp.before_request
+def _signed_handshake():
+    """The WebSocket handshake is checked before it is accepted."""
+    if get_services().settings.validate_twilio_signature and not signature_is_valid():
+        log.warning("refused unsigned or forged media-stream handshake")
+        abort(403)
+
+
+@sock.route(STREAM_PATH, bp=bp)
+def media_stream(ws):
+    services = get_services()
+    relay = Relay(
+        ws,
+        lambda: open_realtime(services),
+        store=services.store,
+        config=relay_config(services),
+        on_failure=services.breaker.record_failure,
+        on_success=services.breaker.record_success,
+    )
+    outcome = relay.run()
+    log.info("call %s: stream ended (%s)", relay.call_sid or "?", outcome)
+    _end_tcp(ws)
+
+
+def _end_tcp(ws) -> None:
+    """Finish the TCP connection now that the WebSocket is closed.
+
+    Twilio moves on to the <Connect action> when the connection ends. Some
+    servers keep the socket open behind their own file objects after the
+    view returns, so the connection is shut down here explicitly.
+    """
+    try:
+        ws.sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already gone
+
+
+def relay_config(services: Services) -> RelayConfig:
+    settings, prompts = services.settings, services.prompts
+    return RelayConfig(
+        instructions=prompts.say("system", "You are a helpful phone assistant."),
+        greeting=prompts.say("greeting", "Hello, how can I help you?"),
+        voice=settings.realtime_voice,
+        turn_detection=settings.realtime_turn_detection,
+        transcription_model=settings.realtime_transcription_model,
+        connect_timeout=settings.stream_connect_timeout,
+    )
+
+
+def open_realtime(services: Services):
+    """A live realtime connection (GA protocol), or an exception within the budget."""
+    manager = services.openai.realtime.connect(
+        model=services.settings.openai_realtime_model,
+        websocket_connection_options={"open_timeout": services.settings.stream_connect_timeout},
+    )
+    # Entered by hand, not in a with-block: the relay owns the connection and
+    # closes it when the call or the model ends.
+    return manager.__enter__()

@@ -1,0 +1,204 @@
+"""A fake of the OpenAI Realtime WebSocket API (GA shape), the subset the relay uses.
+
+One `RealtimeSession` per connection. It answers session.update, keeps
+conversation items, runs a simple energy VAD over the appended mu-law audio
+(speech_started / speech_stopped / transcription), and speaks responses as
+output audio deltas faster than real time, as the real service does. It
+records every event it receives, with the time it arrived.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+from . import mulaw
+
+SPEECH_ENERGY = 500.0  # mean |amplitude| above this is speech
+SILENCE_TO_STOP_MS = 300  # this much silence after speech ends a caller turn
+CHUNK_MS = 100  # audio per output delta
+CHUNKS_PER_TICK = 1
+TICK_SECONDS = 0.02  # one delta every 20 ms: 5x faster than real time
+
+
+@dataclass
+class RealtimeScript:
+    """How the fake behaves; tests set it before a call."""
+
+    mode: str = "ok"  # ok | refuse | hang
+    drop_after_seconds: float | None = None  # close the socket abruptly mid-call
+    response_ms: int = 3000  # length of each spoken answer
+    answers: list[str] = field(default_factory=list)  # transcripts, in order
+
+
+class RealtimeSession:
+    def __init__(self, ws, script: RealtimeScript, log: list, lock: threading.Lock, model: str):
+        self.ws = ws
+        self.script = script
+        self.log = log
+        self.lock = lock
+        self.model = model
+        self.opened = time.monotonic()
+        self.items: list[dict] = []
+        self.response: dict | None = None
+        self.in_speech = False
+        self.silence_ms = 0
+        self.audio_ms = 0
+        self.turns = 0
+        self.ids = 0
+
+    def _id(self, prefix: str) -> str:
+        self.ids += 1
+        return f"{prefix}_{self.ids}"
+
+    def send(self, event: dict) -> None:
+        event.setdefault("event_id", self._id("event"))
+        self.ws.send(json.dumps(event))
+
+    def run(self) -> None:
+        self.send({"type": "session.created", "session": {"type": "realtime", "model": self.model}})
+        while True:
+            if (
+                self.script.drop_after_seconds is not None
+                and time.monotonic() - self.opened > self.script.drop_after_seconds
+            ):
+                # Abrupt: no close frame, like a network drop.
+                self.ws.sock.shutdown(socket.SHUT_RDWR)
+                self.ws.sock.close()
+                return
+            raw = self.ws.receive(timeout=TICK_SECONDS)
+            if raw is not None:
+                event = json.loads(raw)
+                with self.lock:
+                    self.log.append({"at": time.monotonic(), **event})
+                self.handle(event)
+            self.speak()
+
+    def handle(self, event: dict) -> None:
+        kind = event["type"]
+        if kind == "session.update":
+            self.send({"type": "session.updated", "session": event["session"]})
+        elif kind == "conversation.item.create":
+            item = {**event["item"], "id": self._id("item")}
+            self.items.append(item)
+            self.send({"type": "conversation.item.added", "item": item})
+        elif kind == "response.create":
+            self.start_response()
+        elif kind == "input_audio_buffer.append":
+            self.listen(base64.b64decode(event["audio"]))
+        elif kind == "conversation.item.truncate":
+            self.send(
+                {
+                    "type": "conversation.item.truncated",
+                    "item_id": event["item_id"],
+                    "content_index": event["content_index"],
+                    "audio_end_ms": event["audio_end_ms"],
+                }
+            )
+        elif kind == "response.cancel":
+            if self.response:
+                self.finish_response("cancelled")
+            else:
+                self.send(
+                    {
+                        "type": "error",
+                        "error": {
+                            "type": "invalid_request_error",
+                            "code": "response_cancel_not_active",
+                            "message": "Cancellation failed: no active response found",
+                        },
+                    }
+                )
+
+    def listen(self, audio: bytes) -> None:
+        frame_ms = len(audio) // mulaw.BYTES_PER_MS
+        speaking = mulaw.energy(audio) > SPEECH_ENERGY
+        self.audio_ms += frame_ms
+        if speaking and not self.in_speech:
+            self.in_speech = True
+            self.user_item = self._id("item")
+            self.send(
+                {
+                    "type": "input_audio_buffer.speech_started",
+                    "audio_start_ms": self.audio_ms,
+                    "item_id": self.user_item,
+                }
+            )
+        if self.in_speech:
+            self.silence_ms = 0 if speaking else self.silence_ms + frame_ms
+            if self.silence_ms >= SILENCE_TO_STOP_MS:
+                self.in_speech = False
+                self.turns += 1
+                self.send(
+                    {
+                        "type": "input_audio_buffer.speech_stopped",
+                        "audio_end_ms": self.audio_ms,
+                        "item_id": self.user_item,
+                    }
+                )
+                self.send(
+                    {
+                        "type": "conversation.item.input_audio_transcription.completed",
+                        "item_id": self.user_item,
+                        "content_index": 0,
+                        "transcript": f"caller turn {self.turns}",
+                    }
+                )
+                self.start_response()
+
+    def start_response(self) -> None:
+        if self.response:
+            return
+        answers = self.script.answers
+        transcript = answers.pop(0) if answers else f"agent answer {self.turns}"
+        rid, item = self._id("resp"), self._id("item")
+        self.response = {"id": rid, "item_id": item, "sent_ms": 0, "transcript": transcript}
+        with self.lock:  # what the fake said, for tests that need its item ids
+            self.log.append(
+                {
+                    "at": time.monotonic(),
+                    "type": "fake.response_started",
+                    "item_id": item,
+                    "response_id": rid,
+                }
+            )
+        self.send({"type": "response.created", "response": {"id": rid, "status": "in_progress"}})
+
+    def speak(self) -> None:
+        response = self.response
+        if not response:
+            return
+        for _ in range(CHUNKS_PER_TICK):
+            if response["sent_ms"] >= self.script.response_ms:
+                self.send(
+                    {
+                        "type": "response.output_audio_transcript.done",
+                        "response_id": response["id"],
+                        "item_id": response["item_id"],
+                        "output_index": 0,
+                        "content_index": 0,
+                        "transcript": response["transcript"],
+                    }
+                )
+                self.finish_response("completed")
+                return
+            chunk = mulaw.tone(CHUNK_MS, hz=330.0, phase_ms=response["sent_ms"])
+            response["sent_ms"] += CHUNK_MS
+            self.send(
+                {
+                    "type": "response.output_audio.delta",
+                    "response_id": response["id"],
+                    "item_id": response["item_id"],
+                    "output_index": 0,
+                    "content_index": 0,
+                    "delta": base64.b64encode(chunk).decode(),
+                }
+            )
+
+    def finish_response(self, status: str) -> None:
+        response, self.response = self.response, None
+        self.send({"type": "response.done", "response": {"id": response["id"], "status": status}})

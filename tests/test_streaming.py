@@ -1,0 +1,264 @@
+"""Streaming mode end to end: Twilio media client <-> app relay <-> fake realtime model."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from ivr import create_app
+
+from .conftest import LiveServer
+from .fakes.twilio_media import TwilioMediaClient
+from .twilio_sim import AUTH_TOKEN, TwilioCall, new_sid, spoken
+
+
+def wait_for(predicate, timeout=5.0, tick=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(tick)
+    return False
+
+
+def open_stream(live, sid=None, **kwargs) -> TwilioMediaClient:
+    return TwilioMediaClient(
+        live.ws + "/media-stream", AUTH_TOKEN, sid or new_sid(), **kwargs
+    ).start()
+
+
+def test_voice_answers_with_connect_stream_and_parameters(stream_config):
+    app = create_app({**stream_config, "PUBLIC_BASE_URL": "https://agent.example.com"})
+    call = TwilioCall(app.test_client(), base_url="https://agent.example.com")
+    root = call.start()
+    connect = root.find("Connect")
+    assert connect.get("action") == "/stream-ended"
+    stream = connect.find("Stream")
+    assert stream.get("url") == "wss://agent.example.com/media-stream"
+    assert "?" not in stream.get("url")
+    params = {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
+    assert params == {"from": call.caller, "to": call.callee}
+    assert root.find("Gather") is None
+
+
+def test_the_stream_url_follows_the_proxy_host(stream_config):
+    client = create_app(stream_config).test_client()
+    from .twilio_sim import sign
+
+    params = {"CallSid": new_sid(), "From": "+1", "To": "+2"}
+    url = "https://calls.example.net/voice"
+    response = client.post(
+        "/voice",
+        data=params,
+        headers={
+            "X-Twilio-Signature": sign(url, params),
+            "X-Forwarded-Proto": "https",
+            "X-Forwarded-Host": "calls.example.net",
+        },
+    )
+    stream = response.get_data(as_text=True)
+    assert 'url="wss://calls.example.net/media-stream"' in stream
+
+
+def test_model_is_configured_for_pcmu_passthrough_and_greets(live, fake_openai, prompts_dir):
+    media = open_stream(live)
+    assert wait_for(lambda: fake_openai.events("response.create"))
+    media.hang_up()
+    (handshake,) = fake_openai.realtime_handshakes
+    assert handshake["model"] == "fake-realtime"
+    assert handshake["headers"]["Authorization"] == "Bearer sk-test"
+    (update,) = fake_openai.events("session.update")
+    session = update["session"]
+    assert session["type"] == "realtime"
+    assert session["audio"]["input"]["format"] == {"type": "audio/pcmu"}
+    assert session["audio"]["output"]["format"] == {"type": "audio/pcmu"}
+    assert session["audio"]["input"]["turn_detection"] == {"type": "server_vad"}
+    assert session["audio"]["input"]["transcription"]["model"]
+    assert session["audio"]["output"]["voice"] == "marin"
+    assert session["instructions"] == (prompts_dir / "system.txt").read_text().strip()
+    greeting = (prompts_dir / "greeting.txt").read_text().strip()
+    assert greeting in fake_openai.events("response.create")[0]["response"]["instructions"]
+
+
+def test_audio_flows_both_ways_with_the_stream_sid(live, fake_openai):
+    fake_openai.realtime.response_ms = 1000
+    media = open_stream(live)
+    media.talk([("silence", 200), ("speech", 600), ("silence", 600)])
+    assert wait_for(lambda: media.audio_ms() >= 2000, timeout=8)
+    # Every caller frame reached the model.
+    assert wait_for(lambda: len(fake_openai.events("input_audio_buffer.append")) == 70)
+    media.hang_up()
+    outgoing = media.events("media") + media.events("mark")
+    assert outgoing and all(m["streamSid"] == media.stream_sid for m in outgoing)
+    # One mark follows each audio chunk, so the relay knows what was heard.
+    assert len(media.events("mark")) == len(media.events("media"))
+
+
+def test_caller_frames_pass_through_untouched(live, fake_openai):
+    media = open_stream(live)
+    assert wait_for(lambda: fake_openai.events("session.update"))
+    frames = [bytes([0x10 + i]) * 160 for i in range(5)]
+    for i, frame in enumerate(frames):
+        media.send_frame(frame, i)
+    assert wait_for(lambda: len(fake_openai.events("input_audio_buffer.append")) >= 5)
+    media.hang_up()
+    import base64
+
+    got = [base64.b64decode(e["audio"]) for e in fake_openai.events("input_audio_buffer.append")]
+    assert got[:5] == frames
+
+
+def test_barge_in_clears_twilio_then_truncates_at_what_was_heard(live, fake_openai):
+    # A long greeting, still being generated (at 5x real time) when the caller cuts in.
+    fake_openai.realtime.response_ms = 10000
+    media = open_stream(live)
+    assert wait_for(lambda: media.audio_ms() > 0)
+    media.talk([("silence", 1200), ("speech", 400)])
+    assert wait_for(lambda: fake_openai.events("conversation.item.truncate"))
+    media.hang_up()
+
+    (clear,) = media.clears
+    (truncate,) = fake_openai.events("conversation.item.truncate")
+    # (That clear is sent before truncate is checked in test_relay.py, where one
+    # recorder sees both sockets; here they arrive on two sockets in two threads.)
+    assert truncate["content_index"] == 0
+    assert truncate["item_id"] == fake_openai.events("fake.response_started")[0]["item_id"]
+    # audio_end_ms is what the caller really heard, within one 20 ms frame or so.
+    assert abs(truncate["audio_end_ms"] - clear["played_ms"]) <= 60
+    assert 1000 <= truncate["audio_end_ms"] <= 2500
+    cancels = fake_openai.events("response.cancel")
+    assert len(cancels) == 1 and cancels[0]["at"] >= truncate["at"]
+
+
+def test_transcripts_of_both_sides_go_to_the_call_history(live, fake_openai, redis):
+    fake_openai.realtime.response_ms = 500
+    fake_openai.realtime.answers = ["Hello, this is the agent.", "Sure, your order shipped."]
+    sid = new_sid()
+    media = open_stream(live, sid=sid)
+    media.talk([("silence", 900), ("speech", 500), ("silence", 900)])
+    store = live.app.extensions["ivr"].store
+    assert wait_for(lambda: len(store.transcript(sid)) >= 3, timeout=5)
+    media.hang_up()
+    entries = store.transcript(sid)
+    assert [(e["role"], e["content"], e["mode"]) for e in entries[:3]] == [
+        ("assistant", "Hello, this is the agent.", "stream"),
+        ("user", "caller turn 1", "stream"),
+        ("assistant", "Sure, your order shipped.", "stream"),
+    ]
+
+
+def test_hang_up_closes_the_model_socket_at_once(live, fake_openai):
+    media = open_stream(live)
+    assert wait_for(lambda: fake_openai.events("session.update"))
+    started = time.monotonic()
+    media.hang_up()
+    # The fake stops receiving when the relay closes the model socket.
+    before = len(fake_openai.realtime_events)
+    time.sleep(0.3)
+    assert len(fake_openai.realtime_events) == before
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("mode", ["refuse", "hang"])
+def test_an_unreachable_model_closes_the_stream_so_gather_takes_over(
+    live, fake_openai, mode, redis
+):
+    fake_openai.realtime.mode = mode
+    media = open_stream(live)
+    media_started = time.monotonic()
+    assert media.wait_closed(timeout=5)
+    assert media.closed_at - media_started < 3  # within the 1 s budget, plus slack
+    assert int(redis.get("ivr:stream:failures")) == 1
+
+
+def test_a_model_dropping_mid_call_closes_the_stream(live, fake_openai, redis):
+    fake_openai.realtime.drop_after_seconds = 0.5
+    media = open_stream(live)
+    assert media.wait_closed(timeout=5)
+    assert int(redis.get("ivr:stream:failures")) == 1
+
+
+def test_fallback_continues_in_gather_mode_with_the_whole_history(live, fake_openai, prompts_dir):
+    fake_openai.realtime.response_ms = 300
+    fake_openai.realtime.answers = ["Welcome to the bakery."]
+    sid = new_sid()
+    call = TwilioCall(live.app.test_client(), sid=sid)
+    call.start()
+    media = open_stream(live, sid=sid)
+    media.talk([("silence", 600), ("speech", 400), ("silence", 500)])
+    store = live.app.extensions["ivr"].store
+    assert wait_for(lambda: len(store.transcript(sid)) >= 2)
+    fake_openai.realtime.drop_after_seconds = 0  # the model goes away
+    media.talk([("silence", 100)])
+    assert media.wait_closed(timeout=5)
+
+    # Twilio now requests the <Connect action>.
+    root = call.post("/stream-ended")
+    assert spoken(root) == [(prompts_dir / "stream_fallback.txt").read_text().strip()]
+    gather = root.find("Gather")
+    assert gather.get("input") == "speech"
+    call.say("What did I just say?")
+    messages = fake_openai.chat_requests[-1]["messages"]
+    contents = [m["content"] for m in messages[1:]]
+    assert contents[:2] == ["Welcome to the bakery.", "caller turn 1"]
+    assert contents[-1] == "What did I just say?"
+
+
+def test_gather_history_seeds_the_model_when_a_call_is_streamed(config, stream_config, fake_openai):
+    sid = new_sid()
+    gather_app = create_app(config)
+    call = TwilioCall(gather_app.test_client(), sid=sid)
+    call.start()
+    call.say("My order number is 42.")
+    server = LiveServer(create_app(stream_config))
+    try:
+        media = open_stream(server, sid=sid)
+        assert wait_for(lambda: len(fake_openai.events("conversation.item.create")) >= 3)
+        media.hang_up()
+    finally:
+        server.stop()
+    items = [e["item"] for e in fake_openai.events("conversation.item.create")]
+    assert [(i["role"], i["content"][0]["type"], i["content"][0]["text"]) for i in items] == [
+        ("assistant", "output_text", spoken_greeting(gather_app)),
+        ("user", "input_text", "My order number is 42."),
+        ("assistant", "output_text", "You said: My order number is 42."),
+    ]
+    assert fake_openai.events("response.create") == []  # no second greeting
+
+
+def spoken_greeting(app) -> str:
+    return app.extensions["ivr"].prompts.get("greeting")
+
+
+def test_the_handshake_must_be_signed(live):
+    from websockets.exceptions import InvalidStatus
+
+    with pytest.raises(InvalidStatus) as info:
+        TwilioMediaClient(live.ws + "/media-stream", AUTH_TOKEN, new_sid(), sign=False)
+    assert info.value.response.status_code == 403
+    with pytest.raises(InvalidStatus):
+        TwilioMediaClient(live.ws + "/media-stream", "wrong-token", new_sid())
+
+
+def test_after_repeated_failures_voice_serves_gather_mode(live, fake_openai, redis):
+    fake_openai.realtime.mode = "refuse"
+    for _ in range(3):
+        assert open_stream(live).wait_closed(timeout=5)
+    call = TwilioCall(live.app.test_client())
+    root = call.start()
+    assert root.find("Connect") is None
+    assert root.find("Gather") is not None
+    assert redis.ttl("ivr:stream:breaker-open") > 0
+    redis.delete("ivr:stream:breaker-open")  # the cool-down passed
+    assert TwilioCall(live.app.test_client()).start().find("Connect") is not None
+
+
+def test_dtmf_is_recorded(live, fake_openai):
+    sid = new_sid()
+    media = open_stream(live, sid=sid)
+    assert wait_for(lambda: fake_openai.events("session.update"))
+    media.press("5")
+    store = live.app.extensions["ivr"].store
+    assert wait_for(lambda: any(e["role"] == "dtmf" for e in store.transcript(sid)))
+    media.hang_up()
