@@ -42,7 +42,7 @@ sessions = {"opened": 0, "closed": 0}
 
 
 def energy(frame: bytes) -> float:
-    body = frame[STAMP.size:]
+    body = frame[STAMP.size :]
     return sum(_ABS[b] for b in body) / max(1, len(body))
 
 
@@ -57,10 +57,14 @@ async def session(ws) -> None:
         sent = 0
         await ws.send(json.dumps({"type": "response.created", "response": {"id": "r" + item}}))
         while sent < RESPONSE_MS:
-            chunk = STAMP.pack(time.monotonic(), stream) + tone[STAMP.size:]
-            await ws.send('{"type":"response.output_audio.delta","item_id":"' + item
-                          + '","content_index":0,"delta":"' + base64.b64encode(chunk).decode()
-                          + '"}')
+            chunk = STAMP.pack(time.monotonic(), stream) + tone[STAMP.size :]
+            await ws.send(
+                '{"type":"response.output_audio.delta","item_id":"'
+                + item
+                + '","content_index":0,"delta":"'
+                + base64.b64encode(chunk).decode()
+                + '"}'
+            )
             sent += CHUNK_MS
             await asyncio.sleep(CHUNK_MS / 1000 / SPEED)
         await ws.send(json.dumps({"type": "response.done", "response": {"id": "r" + item}}))
@@ -71,22 +75,31 @@ async def session(ws) -> None:
             now = time.monotonic()
             if '"input_audio_buffer.append"' in raw[:40]:
                 start = raw.find('"audio":"') + 9
-                frame = base64.b64decode(raw[start:raw.find('"', start)])
+                frame = base64.b64decode(raw[start : raw.find('"', start)])
                 sent_at, stream = STAMP.unpack_from(frame)
                 c2m.append((now, now - sent_at))
                 speaking = energy(frame) > 500
                 if speaking and not in_speech:
                     in_speech, silence_ms = True, 0
                     speech_started.setdefault(stream, []).append(time.monotonic())
-                    await ws.send('{"type":"input_audio_buffer.speech_started","item_id":"u'
-                                  + str(turns) + '"}')
+                    await ws.send(
+                        '{"type":"input_audio_buffer.speech_started","item_id":"u'
+                        + str(turns)
+                        + '"}'
+                    )
                 elif in_speech:
                     silence_ms = 0 if speaking else silence_ms + 20
                     if silence_ms >= SILENCE_TO_STOP_MS:
                         in_speech, turns = False, turns + 1
-                        await ws.send(json.dumps({
-                            "type": "conversation.item.input_audio_transcription.completed",
-                            "item_id": f"u{turns}", "transcript": f"turn {turns}"}))
+                        await ws.send(
+                            json.dumps(
+                                {
+                                    "type": "conversation.item.input_audio_transcription.completed",
+                                    "item_id": f"u{turns}",
+                                    "transcript": f"turn {turns}",
+                                }
+                            )
+                        )
                         if responder is None or responder.done():
                             responder = asyncio.create_task(respond(f"a{turns}"))
                 continue
@@ -96,8 +109,9 @@ async def session(ws) -> None:
                 await ws.send(json.dumps({"type": "session.updated", "session": {}}))
             elif kind == "response.cancel" and responder and not responder.done():
                 responder.cancel()
-                await ws.send(json.dumps({"type": "response.done",
-                                          "response": {"status": "cancelled"}}))
+                await ws.send(
+                    json.dumps({"type": "response.done", "response": {"status": "cancelled"}})
+                )
     finally:
         if responder:
             responder.cancel()

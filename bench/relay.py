@@ -14,7 +14,8 @@ speaking and barging in. Reported:
   receiving it, through the relay;
 - barge-in: from the fake sending speech_started to the load generator
   receiving `clear`;
-- relay CPU per stream: the gunicorn worker's CPU time over the run / N;
+- relay CPU per stream: the gunicorn worker's CPU time / wall time / N, in
+  the steady state (after the first 2 s);
 - streams dropped.
 
 All processes share CLOCK_MONOTONIC, so timestamps compare across them. The
@@ -54,29 +55,77 @@ def worker_pid(master: int) -> int:
     raise SystemExit("gunicorn worker did not start")
 
 
-def run(streams: int, seconds: float, worker_class: str) -> dict:
+def run(streams: int, seconds: float, worker_class: str, profile: str | None = None) -> dict:
     svc = Services()
     tmp = svc.tmp
     try:
         fake_port = free_port()
-        fake = subprocess.Popen([sys.executable, str(ROOT / "bench/fake_realtime.py"),
-                                 str(fake_port), str(tmp / "fake.json")])
+        fake = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "bench/fake_realtime.py"),
+                str(fake_port),
+                str(tmp / "fake.json"),
+            ]
+        )
         svc.procs.append(fake)
         time.sleep(0.5)
-        url = svc.gunicorn("app:app", workers=1, extra=["--worker-class", worker_class],
-                           env={"STREAMING_ENABLED": "true", "TWILIO_AUTH_TOKEN": TOKEN,
-                                "OPENAI_BASE_URL": f"http://127.0.0.1:{fake_port}/v1",
-                                "STREAM_CONNECT_TIMEOUT_SECONDS": "5"})
+        url = svc.gunicorn(
+            "app:app",
+            workers=1,
+            extra=["--worker-class", worker_class],
+            env={
+                "STREAMING_ENABLED": "true",
+                "TWILIO_AUTH_TOKEN": TOKEN,
+                "OPENAI_BASE_URL": f"http://127.0.0.1:{fake_port}/v1",
+                "STREAM_CONNECT_TIMEOUT_SECONDS": "5",
+            },
+        )
         master = svc.procs[-1].pid
         worker = worker_pid(master)
         ws_url = url.replace("http://", "ws://") + "/media-stream"
-        cpu_before, started = cpu_seconds(worker), time.monotonic()
-        load = subprocess.run([sys.executable, str(ROOT / "bench/twilio_load.py"), ws_url,
-                               TOKEN, str(streams), str(seconds), str(tmp / "load.json")],
-                              check=True, timeout=seconds + 120)
-        assert load.returncode == 0
+        profiler = None
+        if profile:
+            # py-spy (pip install py-spy) samples the worker without slowing it much.
+            profiler = subprocess.Popen(
+                [
+                    "py-spy",
+                    "record",
+                    "-p",
+                    str(worker),
+                    "-d",
+                    str(int(seconds)),
+                    "-f",
+                    "raw",
+                    "-o",
+                    profile,
+                    "--nonblocking",
+                    "-r",
+                    "200",
+                ]
+            )
+        started = time.monotonic()
+        load = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "bench/twilio_load.py"),
+                ws_url,
+                TOKEN,
+                str(streams),
+                str(seconds),
+                str(tmp / "load.json"),
+            ]
+        )
+        # CPU is measured in the steady state, after the streams have connected.
+        time.sleep(WARMUP)
+        cpu_before, measured_from = cpu_seconds(worker), time.monotonic()
+        time.sleep(max(0.0, started + seconds - time.monotonic()))
         cpu = cpu_seconds(worker) - cpu_before
-        wall = time.monotonic() - started
+        wall = time.monotonic() - measured_from
+        if load.wait(timeout=120) != 0:
+            raise SystemExit("the load generator failed")
+        if profiler:
+            profiler.wait(timeout=60)
         fake.terminate()
         fake.wait(timeout=30)
         fake_data = json.loads((tmp / "fake.json").read_text())
@@ -95,7 +144,8 @@ def run(streams: int, seconds: float, worker_class: str) -> dict:
             if before and clear_at >= cutoff:
                 barge.append(clear_at - before[-1])
     return {
-        "streams": streams, "seconds": seconds,
+        "streams": streams,
+        "seconds": seconds,
         "c2m": (pct(c2m, 50), pct(c2m, 99), len(c2m)) if c2m else None,
         "m2c": (pct(m2c, 50), pct(m2c, 99), len(m2c)) if m2c else None,
         "barge": (pct(barge, 50), pct(barge, 99), len(barge)) if barge else None,
@@ -116,16 +166,19 @@ def main() -> None:
     parser.add_argument("--streams", type=int, nargs="*", default=[1, 10, 25, 50])
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--worker-class", default="gevent")
+    parser.add_argument("--profile", help="write a py-spy raw profile of the worker here")
     args = parser.parse_args()
     for n in args.streams:
-        r = run(n, args.seconds, args.worker_class)
+        r = run(n, args.seconds, args.worker_class, args.profile)
         print(f"{n} streams, {args.seconds:g} s, gunicorn 1 x {args.worker_class}")
         print(f"  caller->model  {fmt(r['c2m'])}")
         print(f"  model->caller  {fmt(r['m2c'])}")
         print(f"  barge-in       {fmt(r['barge'])}")
         print(f"  relay CPU      {r['cpu_per_stream']:.2f}% of a core per stream")
-        print(f"  dropped        {len(r['dropped'])} of {n}"
-              + (f": {r['dropped'][:3]}" if r["dropped"] else ""))
+        print(
+            f"  dropped        {len(r['dropped'])} of {n}"
+            + (f": {r['dropped'][:3]}" if r["dropped"] else "")
+        )
         sys.stdout.flush()
 
 

@@ -6,9 +6,10 @@ Each stream connects to URL with a signed handshake, sends `connected` and
 `start`, then a 20 ms mu-law frame every 20 ms in real time: speech for 1 s,
 silence for 1.5 s, over and over. The fake model answers each turn with 3 s
 of audio, so the next burst of speech cuts into the answer: one barge-in
-per 2.5 s cycle. Audio sent to us is played in real time: marks are echoed
-when the audio before them has played, and `clear` drops what is queued and
-returns pending marks, as Twilio does.
+per 2.5 s cycle, each stream at its own phase of the cycle. Audio sent to
+us is played in real time: marks are echoed when the audio before them has
+played, and `clear` drops what is queued and returns pending marks, as
+Twilio does.
 """
 
 from __future__ import annotations
@@ -35,8 +36,11 @@ dropped: list[str] = []
 
 
 class Stream:
-    def __init__(self, index: int):
+    def __init__(self, index: int, count: int):
         self.index = index
+        # Callers are independent: each stream starts at another point of the
+        # speech/silence cycle, so barge-ins do not all land in the same 20 ms.
+        self.phase = index * len(CYCLE) // count
         self.sid = f"MZ{index:032x}"
         self.ws = None
         self.buffer_end = 0.0
@@ -45,22 +49,46 @@ class Stream:
 
     async def open(self, url: str, token: str) -> None:
         signature = RequestValidator(token).compute_signature(url, {})
-        self.ws = await connect(url, additional_headers={"X-Twilio-Signature": signature},
-                                max_size=None, compression=None, open_timeout=10)
-        await self.ws.send(json.dumps({"event": "connected", "protocol": "Call",
-                                       "version": "1.0.0"}))
-        await self.ws.send(json.dumps({"event": "start", "streamSid": self.sid, "start": {
-            "streamSid": self.sid, "callSid": f"CA{self.index:032x}", "tracks": ["inbound"],
-            "customParameters": {}}}))
+        self.ws = await connect(
+            url,
+            additional_headers={"X-Twilio-Signature": signature},
+            max_size=None,
+            compression=None,
+            open_timeout=10,
+        )
+        await self.ws.send(
+            json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+        )
+        await self.ws.send(
+            json.dumps(
+                {
+                    "event": "start",
+                    "streamSid": self.sid,
+                    "start": {
+                        "streamSid": self.sid,
+                        "callSid": f"CA{self.index:032x}",
+                        "tracks": ["inbound"],
+                        "customParameters": {},
+                    },
+                }
+            )
+        )
         self.alive = True
 
     async def frame(self, n: int) -> None:
         if not self.alive:
             return
-        audio = STAMP.pack(time.monotonic(), self.index) + CYCLE[n % len(CYCLE)][STAMP.size:]
-        await self.ws.send('{"event":"media","streamSid":"' + self.sid
-                           + '","media":{"track":"inbound","payload":"'
-                           + base64.b64encode(audio).decode() + '"}}')
+        audio = (
+            STAMP.pack(time.monotonic(), self.index)
+            + CYCLE[(n + self.phase) % len(CYCLE)][STAMP.size :]
+        )
+        await self.ws.send(
+            '{"event":"media","streamSid":"'
+            + self.sid
+            + '","media":{"track":"inbound","payload":"'
+            + base64.b64encode(audio).decode()
+            + '"}}'
+        )
 
     async def listen(self) -> None:
         try:
@@ -94,14 +122,14 @@ class Stream:
             await self.echo(self.due.pop(0)[1])
 
     async def echo(self, name: str) -> None:
-        await self.ws.send(json.dumps({"event": "mark", "streamSid": self.sid,
-                                       "mark": {"name": name}}))
+        await self.ws.send(
+            json.dumps({"event": "mark", "streamSid": self.sid, "mark": {"name": name}})
+        )
 
 
 async def main(url: str, token: str, count: int, seconds: float, results: str) -> None:
-    streams = [Stream(i) for i in range(count)]
-    opened = await asyncio.gather(*(s.open(url, token) for s in streams),
-                                  return_exceptions=True)
+    streams = [Stream(i, count) for i in range(count)]
+    opened = await asyncio.gather(*(s.open(url, token) for s in streams), return_exceptions=True)
     for stream, outcome in zip(streams, opened, strict=True):
         if isinstance(outcome, Exception):
             dropped.append(f"{stream.index}: connect failed: {outcome!r}")

@@ -131,7 +131,9 @@ class Relay:
         try:
             while not self._stopping:
                 waiting = not started
-                message = self.twilio.receive(timeout=WAIT_TICK if waiting else 1.0)
+                # Once relaying, wait without a timeout (a timer per frame costs
+                # CPU); closing the socket wakes this up.
+                message = self.twilio.receive(timeout=WAIT_TICK if waiting else None)
                 if message is not None:
                     self._on_twilio(message, started)
                 if started or self._stopping:
@@ -304,12 +306,18 @@ class Relay:
         name = f"m{self._mark_seq}"
         playback.pending.append((name, playback.sent_bytes, item_id))
         sid = self.stream_sid
-        self.twilio.send(
-            '{"event":"media","streamSid":"' + sid + '","media":{"payload":"' + delta + '"}}'
+        self._send_twilio(
+            '{"event":"media","streamSid":"' + sid + '","media":{"payload":"' + delta + '"}}',
+            '{"event":"mark","streamSid":"' + sid + '","mark":{"name":"' + name + '"}}',
         )
-        self.twilio.send(
-            '{"event":"mark","streamSid":"' + sid + '","mark":{"name":"' + name + '"}}'
-        )
+
+    def _send_twilio(self, *messages: str) -> None:
+        send_many = getattr(self.twilio, "send_many", None)
+        if send_many:
+            send_many(*messages)
+        else:
+            for message in messages:
+                self.twilio.send(message)
 
     def _on_speech_started(self, event: dict) -> None:
         """Barge-in: the caller talks over the agent. Stop the audio first, then the model."""

@@ -72,6 +72,10 @@ def build_services(settings: Settings, prompts: Prompts) -> Services:
         max_retries=0,  # tenacity retries, within the turn's deadline (llm.py)
         timeout=settings.llm_attempt_timeout,
     )
+    if settings.streaming_enabled:
+        # The SDK imports its realtime modules on first use; do it now, not
+        # while the first caller waits for the stream to connect.
+        openai_client.realtime  # noqa: B018
     store = CallStore(
         redis_client,
         history_max=settings.history_max_messages,

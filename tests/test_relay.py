@@ -41,12 +41,16 @@ class FakeTwilio:
         if self.closed.is_set():
             raise ConnectionError("closed")
         try:
-            return self.inbox.get(timeout=timeout)
+            message = self.inbox.get(timeout=timeout)
         except queue.Empty:
             return None
+        if message is None:
+            raise ConnectionError("closed")
+        return message
 
     def close(self):
         self.closed.set()
+        self.inbox.put(None)  # wakes a receive() waiting without a timeout
 
     def push(self, message: dict) -> None:
         self.inbox.put(json.dumps(message))
