@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 BYTES_PER_MS = 8  # mu-law, 8000 samples/s, one byte per sample
 MAX_EARLY_FRAMES = 250  # caller audio kept while the model connects: 5 s of 20 ms frames
 WAIT_TICK = 0.05  # how often the caller's loop looks at the model while it connects
+NO_START_GRACE = 3.0  # seconds past the connect budget to wait for Twilio's `start`
 
 
 class ModelUnavailable(Exception):
@@ -124,9 +125,9 @@ class Relay:
 
     def run(self) -> str:
         """Relay until the call or the model ends; returns how it ended."""
+        deadline = self.clock() + self.config.connect_timeout
         connector = threading.Thread(target=self._connect_model, name="model-connect", daemon=True)
         connector.start()
-        deadline = self.clock() + self.config.connect_timeout
         started = False
         try:
             while not self._stopping:
@@ -143,6 +144,12 @@ class Relay:
                 ):
                     reason = self._model_failed or "connect timed out"
                     self._fail("model-unreachable", reason)
+                    break
+                if not self.stream_sid and self.clock() > deadline + NO_START_GRACE:
+                    # Twilio always sends `start` first; without it there is no call
+                    # to relay, and an open model session would bill for nothing.
+                    log.warning("no start message on the media stream; closing it")
+                    self.outcome = "no-start"
                     break
                 if self._model_ready.is_set() and self.stream_sid:
                     self._begin()

@@ -209,3 +209,19 @@ def test_heard_audio_is_interpolated_between_marks_and_capped():
     fresh = _Playback(item_id="i2", started_at=5.0, sent_bytes=800)
     fresh.pending.append(("m9", 800, "i2"))
     assert fresh.heard_ms(5.04) == 40  # no mark back yet: time since the first audio
+
+
+def test_a_stream_without_start_is_closed_and_the_model_with_it():
+    recorder = Recorder()
+    twilio, model = FakeTwilio(recorder), FakeModel(recorder)
+    clock = [0.0]
+    relay = Relay(twilio, lambda: model, store=None, config=RelayConfig(connect_timeout=1),
+                  clock=lambda: clock[0])
+    thread = threading.Thread(target=relay.run, daemon=True)
+    thread.start()
+    twilio.push({"event": "connected"})
+    assert settle(lambda: relay.model is not None)
+    clock[0] = 10.0  # well past the budget and the grace period
+    thread.join(timeout=5)
+    assert relay.outcome == "no-start"
+    assert model.closed.is_set()

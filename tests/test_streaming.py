@@ -262,3 +262,42 @@ def test_dtmf_is_recorded(live, fake_openai):
     store = live.app.extensions["ivr"].store
     assert wait_for(lambda: any(e["role"] == "dtmf" for e in store.transcript(sid)))
     media.hang_up()
+
+
+def test_keepalive_pings_reach_twilio(stream_config, fake_openai):
+    """Idle platform proxies cut silent WebSockets; the relay pings Twilio's side."""
+    import socket as socket_lib
+
+    from twilio.request_validator import RequestValidator
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, Ping, Request
+
+    server = LiveServer(create_app({**stream_config, "STREAM_PING_SECONDS": "0.2"}))
+    try:
+        url = server.ws + "/media-stream"
+        signature = RequestValidator(AUTH_TOKEN).compute_signature(url, {})
+        conn = WSConnection(ConnectionType.CLIENT)
+        sock = socket_lib.create_connection(("127.0.0.1", server.port), timeout=5)
+        sock.sendall(conn.send(Request(host=f"127.0.0.1:{server.port}", target="/media-stream",
+                                       extra_headers=[(b"x-twilio-signature",
+                                                       signature.encode())])))
+        events = []
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and not any(isinstance(e, Ping) for e in events):
+            conn.receive_data(sock.recv(4096))
+            events.extend(conn.events())
+        sock.close()
+    finally:
+        server.stop()
+    assert isinstance(events[0], AcceptConnection)
+    assert any(isinstance(e, Ping) for e in events)
+
+
+def test_the_fallback_turns_never_reuse_a_gather_turn_number(client, stream_config):
+    call = TwilioCall(client)
+    call.start()
+    call.say("hello")  # turn 1 answered and stored
+    first = call.post("/stream-ended").find("Gather").get("action")
+    second = call.post("/stream-ended").find("Gather").get("action")
+    assert first == "/process-speech?turn=1001"
+    assert second == "/process-speech?turn=2001"
