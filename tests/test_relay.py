@@ -215,8 +215,13 @@ def test_a_stream_without_start_is_closed_and_the_model_with_it():
     recorder = Recorder()
     twilio, model = FakeTwilio(recorder), FakeModel(recorder)
     clock = [0.0]
-    relay = Relay(twilio, lambda: model, store=None, config=RelayConfig(connect_timeout=1),
-                  clock=lambda: clock[0])
+    relay = Relay(
+        twilio,
+        lambda: model,
+        store=None,
+        config=RelayConfig(connect_timeout=1),
+        clock=lambda: clock[0],
+    )
     thread = threading.Thread(target=relay.run, daemon=True)
     thread.start()
     twilio.push({"event": "connected"})

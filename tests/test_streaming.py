@@ -278,9 +278,15 @@ def test_keepalive_pings_reach_twilio(stream_config, fake_openai):
         signature = RequestValidator(AUTH_TOKEN).compute_signature(url, {})
         conn = WSConnection(ConnectionType.CLIENT)
         sock = socket_lib.create_connection(("127.0.0.1", server.port), timeout=5)
-        sock.sendall(conn.send(Request(host=f"127.0.0.1:{server.port}", target="/media-stream",
-                                       extra_headers=[(b"x-twilio-signature",
-                                                       signature.encode())])))
+        sock.sendall(
+            conn.send(
+                Request(
+                    host=f"127.0.0.1:{server.port}",
+                    target="/media-stream",
+                    extra_headers=[(b"x-twilio-signature", signature.encode())],
+                )
+            )
+        )
         events = []
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline and not any(isinstance(e, Ping) for e in events):
