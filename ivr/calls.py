@@ -31,6 +31,7 @@ class TurnRecord:
 
     history: list[dict]
     turn_count: int
+    started: float | None = None  # when the call began (epoch seconds), for the time limit
 
 
 class CallStore:
@@ -108,12 +109,25 @@ class CallStore:
             pipe.hset(meta, "reprompts", 0)
             pipe.hincrby(meta, "turns", 1)
             pipe.lrange(transcript, -self.history_max, -1)
+            pipe.hget(meta, "started")
             self._expire_all(pipe, sid, self.ttl)
             replies = pipe.execute()
-        return TurnRecord(history=_messages(replies[4]), turn_count=replies[3])
+        started = float(replies[5]) if replies[5] else None
+        return TurnRecord(history=_messages(replies[4]), turn_count=replies[3], started=started)
 
     def record_agent(self, sid: str, words: str, mode: str = "gather") -> None:
         self.append(sid, "assistant", words, mode)
+
+    def set_end_reason(self, sid: str, reason: str) -> None:
+        """How the app ended the call (transferred, ended-by-agent, limit-reached...)."""
+        self.redis.hset(self._key(sid, "meta"), "end_reason", reason)
+
+    def last_agent_line(self, sid: str) -> str:
+        for raw in reversed(self.redis.lrange(self._key(sid, "transcript"), -20, -1)):
+            entry = json.loads(raw)
+            if entry.get("role") == "assistant" and entry.get("content"):
+                return entry["content"]
+        return ""
 
     def append(self, sid: str, role: str, content: str, mode: str, **extra) -> None:
         transcript = self._key(sid, "transcript")
@@ -156,12 +170,29 @@ class CallStore:
         raw = self.redis.hget(self._key(sid, "results"), str(turn))
         return json.loads(raw) if raw else None
 
-    def end_turn(self, sid: str, turn: int | None, result: dict, agent_said: str | None) -> None:
-        """Store the turn's answer for replays and the agent's words in the transcript."""
+    def end_turn(
+        self, sid: str, turn: int | None, result: dict, messages: list[dict] | None = None
+    ) -> None:
+        """Store the turn's answer for replays, and its messages in the transcript.
+
+        `messages` are chat messages: the agent's words, and any tool calls
+        and tool results that led to them.
+        """
         with self.redis.pipeline(transaction=True) as pipe:
-            if agent_said:
-                pipe.rpush(self._key(sid, "transcript"), _entry("assistant", agent_said, "gather"))
+            if messages:
+                entries = [
+                    _entry(
+                        m["role"],
+                        m.get("content") or "",
+                        "gather",
+                        **{k: v for k, v in m.items() if k not in ("role", "content")},
+                    )
+                    for m in messages
+                ]
+                pipe.rpush(self._key(sid, "transcript"), *entries)
                 pipe.ltrim(self._key(sid, "transcript"), -TRANSCRIPT_HARD_CAP, -1)
+            if result.get("end_reason"):
+                pipe.hset(self._key(sid, "meta"), "end_reason", result["end_reason"])
             if turn:
                 pipe.hset(self._key(sid, "results"), str(turn), json.dumps(result))
             self._expire_all(pipe, sid, self.ttl)
@@ -175,11 +206,33 @@ def _entry(role: str, content: str, mode: str, **extra) -> str:
 
 
 def _messages(raw_entries) -> list[dict]:
+    """Transcript entries as chat messages: words, tool calls and tool results."""
     messages = []
     for raw in raw_entries:
         entry = json.loads(raw)
-        if entry.get("role") in ("user", "assistant"):
-            messages.append({"role": entry["role"], "content": entry["content"]})
+        role = entry.get("role")
+        if role == "user" or (role == "assistant" and "tool_calls" not in entry):
+            messages.append({"role": role, "content": entry["content"]})
+        elif role == "assistant":
+            messages.append(
+                {
+                    "role": "assistant",
+                    "content": entry["content"] or None,
+                    "tool_calls": entry["tool_calls"],
+                }
+            )
+        elif role == "tool":
+            messages.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": entry.get("tool_call_id", ""),
+                    "content": entry["content"],
+                }
+            )
+    # A window cut in the middle of a tool exchange would be refused by the
+    # API (a tool result must follow the call that asked for it).
+    while messages and messages[0]["role"] == "tool":
+        messages.pop(0)
     return messages
 
 

@@ -65,6 +65,18 @@ class Settings:
     stream_breaker_threshold: int = 3
     stream_breaker_cooldown: int = 60
     stream_ping_interval: float = 20.0
+    stream_idle_seconds: float = 12.0
+
+    tools_modules: str = ""
+    tool_timeout: float = 4.0
+    transfer_number: str = ""
+    transfer_caller_id: str = ""
+    dtmf_transfer_key: str = "0"
+    dtmf_repeat_key: str = "*"
+    max_call_seconds: int = 600
+    max_turns: int = 50
+    end_of_call_webhook_url: str = ""
+    end_of_call_webhook_secret: str = ""
     prompts_dir: Path = field(default=DEFAULT_PROMPTS_DIR)
 
     @property
@@ -109,6 +121,17 @@ _SPEC: list[tuple[str, str, str]] = [
     ("stream_breaker_threshold", "STREAM_BREAKER_THRESHOLD", "int"),
     ("stream_breaker_cooldown", "STREAM_BREAKER_COOLDOWN_SECONDS", "int"),
     ("stream_ping_interval", "STREAM_PING_SECONDS", "float"),
+    ("stream_idle_seconds", "STREAM_IDLE_SECONDS", "float"),
+    ("tools_modules", "TOOLS_MODULES", "str"),
+    ("tool_timeout", "TOOL_TIMEOUT_SECONDS", "float"),
+    ("transfer_number", "TRANSFER_NUMBER", "str"),
+    ("transfer_caller_id", "TRANSFER_CALLER_ID", "str"),
+    ("dtmf_transfer_key", "DTMF_TRANSFER_KEY", "str"),
+    ("dtmf_repeat_key", "DTMF_REPEAT_KEY", "str"),
+    ("max_call_seconds", "MAX_CALL_SECONDS", "int"),
+    ("max_turns", "MAX_TURNS", "int"),
+    ("end_of_call_webhook_url", "END_OF_CALL_WEBHOOK_URL", "str"),
+    ("end_of_call_webhook_secret", "END_OF_CALL_WEBHOOK_SECRET", "str"),
     ("prompts_dir", "PROMPTS_DIR", "path"),
 ]
 
@@ -221,6 +244,29 @@ def _check(s: Settings) -> list[str]:
         problems.append(
             "STREAM_BREAKER_THRESHOLD and STREAM_BREAKER_COOLDOWN_SECONDS must be at least 1."
         )
+    if s.transfer_number and not (
+        s.transfer_number.startswith(("+", "sip:")) or s.transfer_number.isdigit()
+    ):
+        problems.append(
+            f"TRANSFER_NUMBER must be a phone number in E.164 form such as +15551234567, "
+            f"not {s.transfer_number!r}."
+        )
+    if s.max_call_seconds < 30 or s.max_turns < 1:
+        problems.append("MAX_CALL_SECONDS must be at least 30 and MAX_TURNS at least 1.")
+    if s.tool_timeout <= 0:
+        problems.append(f"TOOL_TIMEOUT_SECONDS must be above 0, not {s.tool_timeout:g}.")
+    if s.end_of_call_webhook_url and not s.end_of_call_webhook_url.startswith(
+        ("https://", "http://")
+    ):
+        problems.append(
+            f"END_OF_CALL_WEBHOOK_URL must be an http(s) URL, not {s.end_of_call_webhook_url!r}."
+        )
+    if s.end_of_call_webhook_url and not s.end_of_call_webhook_secret:
+        problems.append(
+            "END_OF_CALL_WEBHOOK_SECRET is missing: end-of-call reports are signed with it."
+        )
+    if len(s.dtmf_transfer_key) > 1 or len(s.dtmf_repeat_key) > 1:
+        problems.append("DTMF_TRANSFER_KEY and DTMF_REPEAT_KEY must be one key each (or empty).")
     if not s.prompts_dir.is_dir():
         problems.append(f"PROMPTS_DIR {str(s.prompts_dir)!r} is not a directory.")
     return problems

@@ -13,15 +13,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import redis
 
 from . import twiml
-from .calls import CallStore
+from .calls import CallStore, TurnRecord
 from .config import Settings
 from .llm import LLMUnavailable, Responder
 from .prompts import Prompts
 from .speakable import make_speakable
+from .tools import ToolCall, ToolRegistry
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +35,40 @@ FALLBACK_LINES = {
     "error": "Sorry, I couldn't answer that just now. Could you say it again?",
     "apology": "Sorry, something went wrong. Let's try again.",
     "stream_fallback": "Sorry, the line cut out for a moment. What were you saying?",
+    "farewell": "Thanks for calling. Goodbye!",
+    "transfer": "Please hold while I put you through.",
+    "time_limit": "We've reached the time limit for this call. Goodbye!",
+    "turn_limit": "We've reached the limit for this call. Goodbye!",
 }
 
 # How often a repeated delivery looks for the first delivery's stored answer.
 REPLAY_POLL_SECONDS = 0.1
 
 
+@dataclass(frozen=True)
+class Heard:
+    """What Twilio's Gather heard in one turn."""
+
+    speech: str = ""
+    confidence: float | None = None
+    digits: str = ""
+    caller: str = ""
+
+
 class Conversation:
     def __init__(
-        self, store: CallStore, responder: Responder, prompts: Prompts, settings: Settings
+        self,
+        store: CallStore,
+        responder: Responder,
+        prompts: Prompts,
+        settings: Settings,
+        tools: ToolRegistry,
     ):
         self.store = store
         self.responder = responder
         self.prompts = prompts
         self.settings = settings
+        self.tools = tools
 
     def line(self, name: str) -> str:
         return self.prompts.say(name, FALLBACK_LINES[name])
@@ -69,9 +91,7 @@ class Conversation:
         turn = self._safely(sid, "resume", lambda: self.store.resume_in_gather(sid))
         return {"kind": "answer", "text": self.line("stream_fallback"), "next": turn}
 
-    def take_turn(
-        self, sid: str, turn: int | None, speech: str, confidence: float | None, started: float
-    ) -> dict:
+    def take_turn(self, sid: str, turn: int | None, heard: Heard, started: float) -> dict:
         """Answer turn `turn` of call `sid`; `started` is the request's monotonic time."""
         deadline = started + self.settings.llm_deadline
         if turn:
@@ -85,9 +105,8 @@ class Conversation:
                 return stored
             if not first:
                 return self._await_first_delivery(sid, turn, deadline)
-        result = self._answer(sid, turn, speech.strip(), confidence, deadline)
-        said = result["text"] if result["kind"] == "answer" else None
-        self._safely(sid, "end turn", lambda: self.store.end_turn(sid, turn, result, said))
+        result, messages = self._answer(sid, turn, heard, deadline)
+        self._safely(sid, "end turn", lambda: self.store.end_turn(sid, turn, result, messages))
         return result
 
     def finish(self, sid: str, status: str) -> None:
@@ -96,26 +115,85 @@ class Conversation:
     # -- the turn -------------------------------------------------------------------
 
     def _answer(
-        self, sid: str, turn: int | None, speech: str, confidence: float | None, deadline: float
-    ) -> dict:
+        self, sid: str, turn: int | None, heard: Heard, deadline: float
+    ) -> tuple[dict, list[dict]]:
         next_turn = turn + 1 if turn else None
-        # Confidence is optional in Twilio's request: absent means "accept".
-        if not speech or (
-            confidence is not None and confidence < self.settings.confidence_threshold
+        settings = self.settings
+        if heard.digits:
+            keyed = self._keypad(sid, heard.digits, next_turn)
+            if keyed:
+                return keyed, []
+            words = f"(The caller pressed {heard.digits} on the keypad.)"
+        elif not heard.speech or (
+            heard.confidence is not None and heard.confidence < settings.confidence_threshold
         ):
-            return self._reprompt(sid, speech, confidence, next_turn)
+            # Confidence is optional in Twilio's request: absent means "accept".
+            return self._reprompt(sid, heard.speech, heard.confidence, next_turn), []
+        else:
+            words = heard.speech
 
-        record = self._safely(sid, "record caller", lambda: self.store.record_caller(sid, speech))
-        history = record.history if record else [{"role": "user", "content": speech}]
+        record = self._safely(sid, "record caller", lambda: self.store.record_caller(sid, words))
+        history = record.history if record else [{"role": "user", "content": words}]
+        limit = self._limit_reached(record)
+        if limit:
+            return {
+                "kind": "end",
+                "text": self.line(limit),
+                "next": None,
+                "end_reason": "limit-reached",
+            }, []
+        call = ToolCall(call_sid=sid, caller=heard.caller, settings=settings)
         try:
-            raw = self.responder.reply(self.prompts.get("system"), history, deadline)
+            reply = self.responder.reply(
+                self.prompts.get("system"), history, deadline, tools=self.tools, call=call
+            )
         except LLMUnavailable as exc:
             log.warning("call %s turn %s: no LLM answer (%s)", sid, turn, exc)
-            return {"kind": "error", "text": self.line("error"), "next": next_turn}
-        text = make_speakable(raw, self.settings.max_reply_chars)
+            return {"kind": "error", "text": self.line("error"), "next": next_turn}, []
+        if reply.action:
+            return self._act(reply.action), reply.messages
+        text = make_speakable(reply.text, settings.max_reply_chars)
         if not text:
-            return {"kind": "error", "text": self.line("error"), "next": next_turn}
-        return {"kind": "answer", "text": text, "next": next_turn}
+            return {"kind": "error", "text": self.line("error"), "next": next_turn}, []
+        # What is recorded is what the caller heard.
+        messages = reply.messages[:-1] + [{"role": "assistant", "content": text}]
+        return {"kind": "answer", "text": text, "next": next_turn}, messages
+
+    def _act(self, action: dict) -> dict:
+        """A tool asked to move or end the call."""
+        if action["type"] == "transfer":
+            return {
+                "kind": "transfer",
+                "text": self.line("transfer"),
+                "next": None,
+                "number": action["number"],
+                "end_reason": "transferred",
+            }
+        return {
+            "kind": "end",
+            "text": self.line("farewell"),
+            "next": None,
+            "end_reason": "ended-by-agent",
+        }
+
+    def _keypad(self, sid: str, digits: str, next_turn: int | None) -> dict | None:
+        """The configured keys: transfer to a human, repeat the last answer."""
+        settings = self.settings
+        if digits == settings.dtmf_transfer_key and settings.transfer_number:
+            return self._act({"type": "transfer", "number": settings.transfer_number})
+        if digits == settings.dtmf_repeat_key:
+            last = self._safely(sid, "repeat", lambda: self.store.last_agent_line(sid), "")
+            return {"kind": "answer", "text": last or self.line("reprompt"), "next": next_turn}
+        return None
+
+    def _limit_reached(self, record: TurnRecord | None) -> str | None:
+        if record is None:
+            return None
+        if record.turn_count > self.settings.max_turns:
+            return "turn_limit"
+        if record.started and time.time() - record.started > self.settings.max_call_seconds:
+            return "time_limit"
+        return None
 
     def _reprompt(
         self, sid: str, speech: str, confidence: float | None, next_turn: int | None
@@ -152,6 +230,8 @@ class Conversation:
 
 
 def render_result(result: dict, settings: Settings):
-    if result["kind"] == "goodbye":
+    if result["kind"] in ("goodbye", "end"):
         return twiml.goodbye(result["text"], settings)
+    if result["kind"] == "transfer":
+        return twiml.transfer(result["text"], result["number"], settings)
     return twiml.gather_turn(result["text"], result.get("next"), settings)

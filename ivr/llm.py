@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 
 import openai
 from openai.types.chat import ChatCompletion
@@ -21,7 +22,11 @@ from tenacity import (
     wait_random,
 )
 
+from .tools import ToolCall, ToolRegistry
+
 log = logging.getLogger(__name__)
+
+MAX_TOOL_ROUNDS = 3  # model -> tools -> model ... before it must answer in words
 
 # Below this, an attempt cannot finish: TLS set-up alone takes a good part of it.
 MIN_ATTEMPT_SECONDS = 0.3
@@ -59,8 +64,17 @@ def retry_after_seconds(exc: BaseException | None) -> float | None:
     return None
 
 
+@dataclass
+class Reply:
+    """One turn's outcome: what to say, what a tool asked for, what to record."""
+
+    text: str
+    action: dict | None = None  # set by a tool: transfer or hang up
+    messages: list[dict] = field(default_factory=list)  # new history, tool calls included
+
+
 class Responder:
-    """Asks the chat model for the agent's next line."""
+    """Asks the chat model for the agent's next line, running the tools it calls."""
 
     def __init__(
         self, client: openai.OpenAI, *, model: str, attempt_timeout: float, max_tokens: int
@@ -70,12 +84,55 @@ class Responder:
         self.attempt_timeout = attempt_timeout
         self.max_tokens = max_tokens
 
-    def reply(self, system_prompt: str, history: list[dict], deadline: float) -> str:
+    def reply(
+        self,
+        system_prompt: str,
+        history: list[dict],
+        deadline: float,
+        tools: ToolRegistry | None = None,
+        call: ToolCall | None = None,
+    ) -> Reply:
         """The model's answer to `history`; `deadline` is a time.monotonic() value.
 
-        Raises LLMUnavailable when no attempt succeeded before the deadline.
+        Tool calls are run and their results sent back, up to MAX_TOOL_ROUNDS
+        rounds, all inside the same deadline. A tool that ends or transfers
+        the call stops the loop: the caller hears the line for that instead.
+        Raises LLMUnavailable when no answer came before the deadline.
         """
         messages = [{"role": "system", "content": system_prompt}, *history]
+        offered = tools.chat_tools(call.settings) if tools and call else []
+        new: list[dict] = []
+        for round_number in range(MAX_TOOL_ROUNDS + 1):
+            # The last round offers no tools, so the model has to answer in words.
+            message = self._complete(
+                messages, deadline, offered if round_number < MAX_TOOL_ROUNDS else []
+            )
+            tool_calls = message.get("tool_calls") or []
+            text = (message.get("content") or "").strip()
+            if not tool_calls:
+                if not text:
+                    raise LLMUnavailable("the model returned no text")
+                new.append({"role": "assistant", "content": text})
+                return Reply(text, None, new)
+            asked = {"role": "assistant", "content": text or None, "tool_calls": tool_calls}
+            messages.append(asked)
+            new.append(asked)
+            for tool_call in tool_calls:
+                function = tool_call.get("function", {})
+                result = tools.run(function.get("name", ""), function.get("arguments", ""), call)
+                answer = {
+                    "role": "tool",
+                    "tool_call_id": tool_call.get("id", ""),
+                    "content": result,
+                }
+                messages.append(answer)
+                new.append(answer)
+            if call.action:
+                return Reply(text, call.action, new)
+        raise LLMUnavailable("the model kept calling tools")
+
+    def _complete(self, messages: list[dict], deadline: float, tools: list[dict]) -> dict:
+        """One chat completion (the assistant message as a dict), with retries."""
 
         def stop(state: RetryCallState) -> bool:
             left = deadline - time.monotonic()
@@ -97,30 +154,27 @@ class Responder:
             ),
         )
         try:
-            text = retrying(self._attempt, messages, deadline)
+            return retrying(self._attempt, messages, deadline, tools)
         except openai.OpenAIError as exc:
             raise LLMUnavailable(str(exc)) from exc
-        if not text:
-            raise LLMUnavailable("the model returned no text")
-        return text
 
-    def _attempt(self, messages: list[dict], deadline: float) -> str:
+    def _attempt(self, messages: list[dict], deadline: float, tools: list[dict]) -> dict:
         left = deadline - time.monotonic()
         if left < MIN_ATTEMPT_SECONDS:
             raise LLMUnavailable("the turn's deadline passed")
+        body = {"model": self.model, "messages": messages, "max_completion_tokens": self.max_tokens}
+        if tools:
+            body["tools"] = tools
         # client.post rather than chat.completions.create: the typed method
         # walks every message through the SDK's TypedDict transformer, which
         # costs ~0.4 ms per history message (bench/turns.py); these messages
         # are plain JSON already. Errors, auth and timeouts are the same path.
         completion = self.client.post(
             "/chat/completions",
-            body={
-                "model": self.model,
-                "messages": messages,
-                "max_completion_tokens": self.max_tokens,
-            },
+            body=body,
             cast_to=ChatCompletion,
             options={"timeout": min(self.attempt_timeout, left)},
         )
-        choice = completion.choices[0] if completion.choices else None
-        return (choice.message.content or "").strip() if choice else ""
+        if not completion.choices:
+            return {}
+        return completion.choices[0].message.to_dict()

@@ -21,6 +21,10 @@ REQUIRED = {
     "error": "said when the language model could not answer in time",
     "apology": "said when something unexpected failed; the call goes on",
     "stream_fallback": "said when a streaming call falls back to Gather mode",
+    "farewell": "said when the agent ends the call (the end_call tool)",
+    "transfer": "said before the caller is put through to a human",
+    "time_limit": "said when the call reaches MAX_CALL_SECONDS, before hanging up",
+    "turn_limit": "said when the call reaches MAX_TURNS, before hanging up",
 }
 
 

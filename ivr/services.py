@@ -21,6 +21,8 @@ from .config import Settings
 from .conversation import Conversation
 from .llm import Responder
 from .prompts import Prompts
+from .tools import load_modules
+from .tools import registry as tool_registry
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ def build_redis(settings: Settings) -> redis.Redis:
 
 
 def build_services(settings: Settings, prompts: Prompts) -> Services:
+    load_modules(settings.tools_modules)
     redis_client = build_redis(settings)
     openai_client = openai.OpenAI(
         api_key=settings.openai_api_key,
@@ -95,7 +98,7 @@ def build_services(settings: Settings, prompts: Prompts) -> Services:
         openai=openai_client,
         store=store,
         responder=responder,
-        conversation=Conversation(store, responder, prompts, settings),
+        conversation=Conversation(store, responder, prompts, settings, tool_registry),
         breaker=StreamBreaker(
             redis_client,
             threshold=settings.stream_breaker_threshold,

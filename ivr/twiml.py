@@ -29,7 +29,9 @@ def gather_turn(text: str, next_turn: int | None, settings: Settings) -> VoiceRe
     """
     response = VoiceResponse()
     gather = Gather(
-        input="speech",
+        # Keys as well as speech; one key is enough (0 for a human, * to repeat).
+        input="dtmf speech",
+        num_digits=1,
         action=turn_url(next_turn),
         method="POST",
         action_on_empty_result=True,
@@ -43,6 +45,14 @@ def gather_turn(text: str, next_turn: int | None, settings: Settings) -> VoiceRe
         _say(gather, text, settings)
     response.append(gather)
     response.redirect(turn_url(next_turn), method="POST")
+    return response
+
+
+def transfer(text: str, number: str, settings: Settings) -> VoiceResponse:
+    """Say the handover line, then put the caller through to a human."""
+    response = VoiceResponse()
+    _say(response, text, settings)
+    response.dial(number, caller_id=settings.transfer_caller_id or None)
     return response
 
 

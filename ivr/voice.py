@@ -10,7 +10,7 @@ from flask import Blueprint, abort, jsonify, request
 
 from . import twiml
 from .calls import ENDED_STATUSES
-from .conversation import render_result
+from .conversation import Heard, render_result
 from .security import twilio_signed
 from .services import get_services
 from .streaming import FALLBACK_PATH, answer_with_stream
@@ -78,9 +78,14 @@ def stream_ended(sid: str):
 def process_speech(sid: str):
     started = time.monotonic()
     services = get_services()
-    result = services.conversation.take_turn(
-        sid, _turn(), request.form.get("SpeechResult", ""), _confidence(), started
+    form = request.form
+    heard = Heard(
+        speech=form.get("SpeechResult", "").strip(),
+        confidence=_confidence(),
+        digits=form.get("Digits", "").strip(),
+        caller=form.get("From", ""),
     )
+    result = services.conversation.take_turn(sid, _turn(), heard, started)
     return twiml.render(render_result(result, services.settings))
 
 

@@ -69,7 +69,12 @@ def test_a_repeated_start_does_not_reset_the_call(store):
 def test_begin_turn_claims_once_and_end_turn_stores_the_answer(store):
     assert store.begin_turn("CA1", 3, 10) == (None, True)
     assert store.begin_turn("CA1", 3, 10) == (None, False)
-    store.end_turn("CA1", 3, {"kind": "answer", "text": "hi", "next": 4}, "hi")
+    store.end_turn(
+        "CA1",
+        3,
+        {"kind": "answer", "text": "hi", "next": 4},
+        [{"role": "assistant", "content": "hi"}],
+    )
     assert store.begin_turn("CA1", 3, 10)[0] == {"kind": "answer", "text": "hi", "next": 4}
     assert store.history("CA1") == [{"role": "assistant", "content": "hi"}]
 

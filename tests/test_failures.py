@@ -37,7 +37,7 @@ def test_an_unexpected_error_becomes_a_spoken_apology(call, prompts_dir):
     (prompts_dir / "system.txt").unlink()  # the owner deleted a file mid-call
     root = call.say("hello")
     assert spoken(root) == [(prompts_dir / "apology.txt").read_text().strip()]
-    assert root.find("Gather").get("input") == "speech"
+    assert root.find("Gather").get("input") == "dtmf speech"
 
 
 def test_corrupt_call_state_becomes_a_spoken_apology(call, redis, prompts_dir):

@@ -24,7 +24,7 @@ def responder(fake_openai):
 def ask(responder, budget=3.0):
     return responder.reply(
         "be brief", [{"role": "user", "content": "hi"}], time.monotonic() + budget
-    )
+    ).text
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 429, 408, 409])

@@ -197,7 +197,7 @@ def test_fallback_continues_in_gather_mode_with_the_whole_history(live, fake_ope
     root = call.post("/stream-ended")
     assert spoken(root) == [(prompts_dir / "stream_fallback.txt").read_text().strip()]
     gather = root.find("Gather")
-    assert gather.get("input") == "speech"
+    assert gather.get("input") == "dtmf speech"
     call.say("What did I just say?")
     messages = fake_openai.chat_requests[-1]["messages"]
     contents = [m["content"] for m in messages[1:]]

@@ -11,7 +11,7 @@ from .twilio_sim import TwilioCall, signed_post, spoken
 def test_incoming_call_greets_inside_a_speech_gather(call, prompts_dir):
     root = call.start()
     gather = call.gather
-    assert gather.get("input") == "speech"
+    assert gather.get("input") == "dtmf speech"
     assert gather.get("action") == "/process-speech?turn=1"
     assert gather.get("method") == "POST"
     assert gather.get("actionOnEmptyResult") == "true"
