@@ -38,6 +38,15 @@ class Fail:
 
 
 @dataclass
+class CallTool:
+    """Answer with a tool call instead of words."""
+
+    name: str
+    arguments: str = "{}"
+    content: str | None = None
+
+
+@dataclass
 class Hang:
     """Accept the request and never answer (until the test ends)."""
 
@@ -120,6 +129,19 @@ class FakeOpenAI:
                 time.sleep(behaviour.delay)
                 error = {"message": f"fake failure {behaviour.status}", "type": "fake"}
                 return jsonify(error=error), behaviour.status, behaviour.headers
+            if isinstance(behaviour, CallTool):
+                message = {
+                    "role": "assistant",
+                    "content": behaviour.content,
+                    "tool_calls": [
+                        {
+                            "id": f"call_{next(self._ids)}",
+                            "type": "function",
+                            "function": {"name": behaviour.name, "arguments": behaviour.arguments},
+                        }
+                    ],
+                }
+                return jsonify(self._completion(body["model"], message=message))
             if isinstance(behaviour, Reply):
                 time.sleep(behaviour.delay)
                 text = behaviour.text
@@ -158,7 +180,7 @@ class FakeOpenAI:
         with self._lock:
             return [e for e in self.realtime_events if e["type"] == kind]
 
-    def _completion(self, model: str, text: str) -> dict:
+    def _completion(self, model: str, text: str = "", message: dict | None = None) -> dict:
         return {
             "id": f"chatcmpl-fake-{next(self._ids)}",
             "object": "chat.completion",
@@ -168,7 +190,7 @@ class FakeOpenAI:
                 {
                     "index": 0,
                     "finish_reason": "stop",
-                    "message": {"role": "assistant", "content": text},
+                    "message": message or {"role": "assistant", "content": text},
                 }
             ],
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},

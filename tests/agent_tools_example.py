@@ -1,0 +1,32 @@
+"""Tools a deployer might add; loaded by tests through TOOLS_MODULES."""
+
+import time
+
+from ivr.tools import tool
+
+MODULE = __name__
+
+
+def _loaded(settings):
+    return MODULE in settings.tools_modules
+
+
+@tool(
+    "lookup_order",
+    "Look up an order by its number.",
+    {"type": "object", "properties": {"number": {"type": "string"}}, "required": ["number"]},
+    enabled=_loaded,
+)
+def lookup_order(call, number):
+    return {"order": number, "status": "shipped", "caller": call.caller}
+
+
+@tool("explode", "A tool with a bug in it.", enabled=_loaded)
+def explode(call):
+    raise RuntimeError("database is down")
+
+
+@tool("slow", "A tool that never answers in time.", enabled=_loaded)
+def slow(call):
+    time.sleep(2)
+    return {"too": "late"}
