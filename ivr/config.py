@@ -251,8 +251,13 @@ def _check(s: Settings) -> list[str]:
             f"TRANSFER_NUMBER must be a phone number in E.164 form such as +15551234567, "
             f"not {s.transfer_number!r}."
         )
-    if s.max_call_seconds < 30 or s.max_turns < 1:
-        problems.append("MAX_CALL_SECONDS must be at least 30 and MAX_TURNS at least 1.")
+    if s.max_call_seconds < 1 or s.max_turns < 1:
+        problems.append("MAX_CALL_SECONDS and MAX_TURNS must be at least 1.")
+    if s.streaming_enabled and not s.twilio_account_sid:
+        problems.append(
+            "TWILIO_ACCOUNT_SID is missing: streaming mode transfers and ends live calls "
+            "through Twilio's REST API."
+        )
     if s.tool_timeout <= 0:
         problems.append(f"TOOL_TIMEOUT_SECONDS must be above 0, not {s.tool_timeout:g}.")
     if s.end_of_call_webhook_url and not s.end_of_call_webhook_url.startswith(

@@ -48,6 +48,7 @@ class RelayConfig:
     turn_detection: str = "server_vad"
     transcription_model: str = "gpt-4o-mini-transcribe"
     connect_timeout: float = 2.0
+    tools: list = field(default_factory=list)  # realtime function definitions
 
 
 @dataclass
@@ -87,6 +88,7 @@ class Relay:
         on_success: Callable[[], None] = lambda: None,
         on_dtmf: Callable[[Relay, str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        control=None,
     ):
         self.twilio = twilio
         self.open_model = open_model
@@ -96,6 +98,7 @@ class Relay:
         self.on_success = on_success
         self.on_dtmf = on_dtmf
         self.clock = clock
+        self.control = control
 
         self.model = None
         self.call_sid = ""
@@ -119,6 +122,7 @@ class Relay:
             "conversation.item.input_audio_transcription.completed": self._on_caller_transcript,
             "response.output_audio_transcript.done": self._on_agent_transcript,
             "error": self._on_model_error,
+            "response.function_call_arguments.done": self._on_function_call,
         }
 
     # -- the caller's loop ------------------------------------------------------------
@@ -181,9 +185,11 @@ class Relay:
             self.custom = start.get("customParameters") or {}
         elif kind == "dtmf":
             digit = event["dtmf"]["digit"]
-            self._record("dtmf", digit)
+            self.record("dtmf", digit)
             if self.on_dtmf:
                 self.on_dtmf(self, digit)
+            if self.control:
+                self.control.on_dtmf(digit)
         elif kind == "stop":
             self.outcome = "caller-hung-up"
             self._stopping = True
@@ -204,6 +210,8 @@ class Relay:
                 if item_id == self._playback.item_id:
                     self._playback.acked_bytes = end_bytes
                     self._playback.acked_at = self.clock()
+                if not pending and self.control:
+                    self.control.on_played()
                 return
 
     # -- model connection -------------------------------------------------------------
@@ -241,12 +249,19 @@ class Relay:
                     },
                     "output": {"format": {"type": "audio/pcmu"}, "voice": c.voice},
                 },
+                **({"tools": c.tools, "tool_choice": "auto"} if c.tools else {}),
             },
         }
 
     def _begin(self) -> None:
         """Both sides are up: seed the history, greet a new caller, start relaying."""
-        history = self._history()
+        # Words only: tool exchanges from Gather turns carry ids the realtime
+        # conversation does not know.
+        history = [
+            m
+            for m in self._history()
+            if m["role"] in ("user", "assistant") and m.get("content") and not m.get("tool_calls")
+        ]
         for message in history:
             kind = "input_text" if message["role"] == "user" else "output_text"
             self.model.send_raw(
@@ -275,6 +290,8 @@ class Relay:
         self._reader = threading.Thread(target=self._read_model, name="model-reader", daemon=True)
         self._reader.start()
         self.on_success()
+        if self.control:
+            self.control.attach(self)
 
     def _history(self) -> list[dict]:
         if not (self.store and self.call_sid):
@@ -328,6 +345,8 @@ class Relay:
 
     def _on_speech_started(self, event: dict) -> None:
         """Barge-in: the caller talks over the agent. Stop the audio first, then the model."""
+        if self.control and not self.control.on_caller_speech():
+            return  # the agent is saying goodbye: let it finish
         playback = self._playback
         speaking = bool(playback.pending)
         if not (speaking or self._response_active):
@@ -356,13 +375,23 @@ class Relay:
 
     def _on_response_done(self, event: dict) -> None:
         self._response_active = False
+        if self.control:
+            self.control.on_response_done()
+
+    def _on_function_call(self, event: dict) -> None:
+        if self.control:
+            self.control.on_function_call(
+                event.get("call_id", ""), event.get("name", ""), event.get("arguments", "")
+            )
 
     def _on_caller_transcript(self, event: dict) -> None:
-        self._record("user", event.get("transcript", "").strip())
+        self.record("user", event.get("transcript", "").strip())
+        if self.control:
+            self.control.on_caller_turn()
 
     def _on_agent_transcript(self, event: dict) -> None:
         extra = {"interrupted": True} if event.get("item_id") in self._truncated else {}
-        self._record("assistant", event.get("transcript", "").strip(), **extra)
+        self.record("assistant", event.get("transcript", "").strip(), **extra)
 
     def _on_model_error(self, event: dict) -> None:
         # Most error events are about one request (e.g. cancelling a response
@@ -373,9 +402,42 @@ class Relay:
             event.get("error", {}).get("message", event),
         )
 
+    # -- what call control may ask of the relay -------------------------------------------
+
+    @property
+    def caller(self) -> str:
+        return self.custom.get("from", "")
+
+    def is_speaking(self) -> bool:
+        """Agent audio is being generated or has not finished playing."""
+        return self._response_active or bool(self._playback.pending)
+
+    def say(self, text: str) -> None:
+        """Have the model speak `text` now, in its own voice."""
+        self.model.send_raw(
+            json.dumps(
+                {
+                    "type": "response.create",
+                    "response": {"instructions": f"Say exactly this and nothing else: {text}"},
+                }
+            )
+        )
+
+    def send_tool_output(self, call_id: str, output: str, respond: bool = True) -> None:
+        self.model.send_raw(
+            json.dumps(
+                {
+                    "type": "conversation.item.create",
+                    "item": {"type": "function_call_output", "call_id": call_id, "output": output},
+                }
+            )
+        )
+        if respond:
+            self.model.send_raw('{"type":"response.create"}')
+
     # -- shared ------------------------------------------------------------------------
 
-    def _record(self, role: str, text: str, **extra) -> None:
+    def record(self, role: str, text: str, **extra) -> None:
         if not (text and self.store and self.call_sid):
             return
         try:
@@ -393,6 +455,8 @@ class Relay:
 
     def _shutdown(self) -> None:
         self._stopping = True
+        if self.control:
+            self.control.stop()
         if self.model is not None:
             _close_quietly(self.model)  # an open realtime session bills by the minute
         if self._reader is not None and self._reader is not threading.current_thread():

@@ -14,11 +14,13 @@ import redis
 from flask import current_app
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
+from twilio.rest import Client as TwilioClient
 
 from .breaker import StreamBreaker
 from .calls import CallStore
 from .config import Settings
-from .conversation import Conversation
+from .control import CallControl
+from .conversation import FALLBACK_LINES, Conversation
 from .llm import Responder
 from .prompts import Prompts
 from .tools import load_modules
@@ -37,6 +39,7 @@ class Services:
     responder: Responder
     conversation: Conversation
     breaker: StreamBreaker
+    call_control: CallControl
 
 
 def get_services() -> Services:
@@ -91,6 +94,20 @@ def build_services(settings: Settings, prompts: Prompts) -> Services:
         attempt_timeout=settings.llm_attempt_timeout,
         max_tokens=settings.llm_max_tokens,
     )
+    # Twilio's REST API moves live streaming calls (transfer, hang up).
+    twilio_rest = (
+        TwilioClient(settings.twilio_account_sid, settings.twilio_auth_token)
+        if settings.twilio_account_sid and settings.twilio_auth_token
+        else None
+    )
+    call_control = CallControl(
+        settings=settings,
+        prompts=prompts,
+        tools=tool_registry,
+        store=store,
+        twilio_rest=twilio_rest,
+        fallback_lines=FALLBACK_LINES,
+    )
     return Services(
         settings=settings,
         prompts=prompts,
@@ -99,6 +116,7 @@ def build_services(settings: Settings, prompts: Prompts) -> Services:
         store=store,
         responder=responder,
         conversation=Conversation(store, responder, prompts, settings, tool_registry),
+        call_control=call_control,
         breaker=StreamBreaker(
             redis_client,
             threshold=settings.stream_breaker_threshold,

@@ -19,6 +19,7 @@ from twilio.twiml.voice_response import VoiceResponse
 from wsproto.events import Ping, TextMessage
 
 from . import twiml
+from .control import StreamControl
 from .relay import Relay, RelayConfig
 from .security import signature_is_valid
 from .services import Services, get_services
@@ -70,6 +71,7 @@ def media_stream(ws):
         config=relay_config(services),
         on_failure=services.breaker.record_failure,
         on_success=services.breaker.record_success,
+        control=StreamControl(services.call_control),
     )
     try:
         outcome = relay.run()
@@ -186,6 +188,7 @@ def relay_config(services: Services) -> RelayConfig:
         turn_detection=settings.realtime_turn_detection,
         transcription_model=settings.realtime_transcription_model,
         connect_timeout=settings.stream_connect_timeout,
+        tools=services.call_control.realtime_tools(),
     )
 
 

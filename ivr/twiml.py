@@ -56,6 +56,12 @@ def transfer(text: str, number: str, settings: Settings) -> VoiceResponse:
     return response
 
 
+def hangup() -> VoiceResponse:
+    response = VoiceResponse()
+    response.hangup()
+    return response
+
+
 def goodbye(text: str, settings: Settings) -> VoiceResponse:
     response = VoiceResponse()
     _say(response, text, settings)

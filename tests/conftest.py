@@ -17,7 +17,7 @@ from ivr import create_app
 from ivr.config import ENV_NAMES
 
 from .fakes.openai_server import FakeOpenAI
-from .twilio_sim import AUTH_TOKEN, TwilioCall
+from .twilio_sim import ACCOUNT_SID, AUTH_TOKEN, TwilioCall
 
 PROJECT_PROMPTS = Path(__file__).resolve().parent.parent / "prompts"
 
@@ -147,6 +147,7 @@ def stream_config(config):
         "STREAMING_ENABLED": "true",
         "OPENAI_REALTIME_MODEL": "fake-realtime",
         "STREAM_CONNECT_TIMEOUT_SECONDS": "1",
+        "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
     }
 
 

@@ -12,6 +12,7 @@ import xml.etree.ElementTree as ET
 from twilio.request_validator import RequestValidator
 
 AUTH_TOKEN = "test-auth-token-0123456789abcdef"
+ACCOUNT_SID = "AC" + "0" * 32
 BASE_URL = "http://localhost"
 _sids = itertools.count(1)
 

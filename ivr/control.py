@@ -1,0 +1,220 @@
+"""Call control for streaming mode: tools, handing over and ending live calls.
+
+In Gather mode the next TwiML document moves the call. A streaming call has
+no next document until the stream ends, so transfers and hang-ups replace
+the call's TwiML through Twilio's REST API (`calls(sid).update(twiml=...)`),
+with the same TwiML Gather mode would return.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from twilio.base.exceptions import TwilioException
+
+from . import twiml
+from .calls import CallStore
+from .config import Settings
+from .prompts import Prompts
+from .tools import ToolCall, ToolRegistry
+
+log = logging.getLogger(__name__)
+
+
+class CallControl:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        prompts: Prompts,
+        tools: ToolRegistry,
+        store: CallStore,
+        twilio_rest,
+        fallback_lines: dict[str, str],
+    ):
+        self.settings = settings
+        self.prompts = prompts
+        self.tools = tools
+        self.store = store
+        self.twilio_rest = twilio_rest
+        self.fallback_lines = fallback_lines
+
+    def line(self, name: str) -> str:
+        return self.prompts.say(name, self.fallback_lines[name])
+
+    def realtime_tools(self) -> list[dict]:
+        return self.tools.realtime_tools(self.settings)
+
+    def run_tool(
+        self, call_sid: str, caller: str, name: str, arguments: str
+    ) -> tuple[str, dict | None]:
+        """(JSON output for the model, the action a tool asked for, if any)."""
+        call = ToolCall(call_sid=call_sid, caller=caller, settings=self.settings)
+        return self.tools.run(name, arguments, call), call.action
+
+    def last_agent_line(self, call_sid: str) -> str:
+        try:
+            return self.store.last_agent_line(call_sid)
+        except Exception as exc:  # Redis down: the caller hears the reprompt instead
+            log.error("call %s: last line unavailable: %s", call_sid, exc)
+            return ""
+
+    # -- moving the live call ----------------------------------------------------------
+
+    def transfer(self, call_sid: str) -> None:
+        doc = twiml.transfer(self.line("transfer"), self.settings.transfer_number, self.settings)
+        self._update(call_sid, str(doc), "transferred")
+
+    def hang_up(self, call_sid: str, reason: str, line: str | None = None) -> None:
+        """End the call; with `line`, Twilio says it first (limits, repeated silence)."""
+        doc = twiml.goodbye(self.line(line), self.settings) if line else twiml.hangup()
+        self._update(call_sid, str(doc), reason)
+
+    def _update(self, call_sid: str, doc: str, reason: str) -> None:
+        # In a thread: a REST round trip must not stall the audio of this call.
+        threading.Thread(
+            target=self._send_update, args=(call_sid, doc, reason), daemon=True, name="call-update"
+        ).start()
+
+    def _send_update(self, call_sid: str, doc: str, reason: str) -> None:
+        try:
+            self.store.set_end_reason(call_sid, reason)
+        except Exception as exc:  # the report says "unknown" then; the call still moves
+            log.error("call %s: end reason not stored: %s", call_sid, exc)
+        if self.twilio_rest is None:
+            log.error("call %s: cannot %s without TWILIO_ACCOUNT_SID", call_sid, reason)
+            return
+        try:
+            self.twilio_rest.calls(call_sid).update(twiml=doc)
+            log.info("call %s: updated (%s)", call_sid, reason)
+        except TwilioException as exc:
+            log.error("call %s: Twilio refused the update (%s): %s", call_sid, reason, exc)
+
+
+class StreamControl:
+    """Call policy for one streaming call: tools, keys, limits and silence.
+
+    The relay moves audio; it calls these hooks from its two loops and this
+    class answers through the relay's `say`, `send_tool_output` and
+    `is_speaking`, and through CallControl for the REST updates. A watchdog
+    thread checks the call's duration and the caller's silence twice a second.
+    """
+
+    TICK = 0.5
+    FAREWELL_GRACE = 15.0  # hang up even if the goodbye's marks never come back
+
+    def __init__(self, control: CallControl, clock=None):
+        import time
+
+        self.control = control
+        self.settings = control.settings
+        self.clock = clock or time.monotonic
+        self.relay = None
+        self.started_at = 0.0
+        self.last_activity = 0.0
+        self.silences = 0
+        self.turns = 0
+        self.ending_since: float | None = None  # the agent is saying goodbye
+        self.farewell_said = False
+        self.done = False
+        self._stop = threading.Event()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def attach(self, relay) -> None:
+        self.relay = relay
+        self.started_at = self.last_activity = self.clock()
+        threading.Thread(target=self._watch, daemon=True, name="call-watchdog").start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- hooks from the relay ------------------------------------------------------------------
+
+    def on_caller_speech(self) -> bool:
+        """The caller started talking; False while the agent says goodbye (no barge-in)."""
+        self.last_activity = self.clock()
+        self.silences = 0
+        return self.ending_since is None
+
+    def on_caller_turn(self) -> None:
+        self.turns += 1
+        if self.turns > self.settings.max_turns:
+            self._finish("limit-reached", "turn_limit")
+
+    def on_response_done(self) -> None:
+        self.last_activity = self.clock()
+        if self.ending_since is not None:
+            self.farewell_said = True
+            if not self.relay.is_speaking():
+                self._finish("ended-by-agent")
+
+    def on_played(self) -> None:
+        """Every audio chunk sent so far has been heard."""
+        self.last_activity = self.clock()
+        if self.farewell_said:
+            self._finish("ended-by-agent")
+
+    def on_dtmf(self, digit: str) -> None:
+        settings, relay = self.settings, self.relay
+        if relay is None:
+            return
+        if digit == settings.dtmf_transfer_key and settings.transfer_number:
+            self._transfer()
+        elif digit == settings.dtmf_repeat_key:
+            last = self.control.last_agent_line(relay.call_sid)
+            relay.say(last or self.control.line("reprompt"))
+
+    def on_function_call(self, call_id: str, name: str, arguments: str) -> None:
+        # Tools may be slow: run them off the model's loop so audio keeps flowing.
+        threading.Thread(
+            target=self._run_tool, args=(call_id, name, arguments), daemon=True, name="tool-call"
+        ).start()
+
+    # -- actions ---------------------------------------------------------------------------------
+
+    def _run_tool(self, call_id: str, name: str, arguments: str) -> None:
+        relay = self.relay
+        output, action = self.control.run_tool(relay.call_sid, relay.caller, name, arguments)
+        relay.record("tool", output, name=name, arguments=arguments, call_id=call_id)
+        if action and action["type"] == "transfer":
+            relay.send_tool_output(call_id, output, respond=False)
+            self._transfer()
+        elif action and action["type"] == "hangup":
+            relay.send_tool_output(call_id, output, respond=False)
+            # The model says the goodbye in its own voice; the call ends once
+            # the caller has heard it (on_response_done / on_played).
+            self.ending_since = self.clock()
+            relay.say(self.control.line("farewell"))
+        else:
+            relay.send_tool_output(call_id, output)
+
+    def _transfer(self) -> None:
+        if not self.done:
+            self.done = True
+            self.control.transfer(self.relay.call_sid)
+
+    def _finish(self, reason: str, line: str | None = None) -> None:
+        if not self.done:
+            self.done = True
+            self.control.hang_up(self.relay.call_sid, reason, line)
+
+    def _watch(self) -> None:
+        settings = self.settings
+        while not self._stop.wait(self.TICK) and not self.done:
+            now = self.clock()
+            if now - self.started_at > settings.max_call_seconds:
+                self._finish("limit-reached", "time_limit")
+            elif self.ending_since is not None:
+                if now - self.ending_since > self.FAREWELL_GRACE:
+                    self._finish("ended-by-agent")
+            elif self.relay.is_speaking():
+                self.last_activity = now
+            elif now - self.last_activity > settings.stream_idle_seconds:
+                self.silences += 1
+                self.last_activity = now
+                if self.silences > settings.reprompt_limit:
+                    self._finish("silence", "goodbye")
+                else:
+                    self.relay.say(self.control.line("reprompt"))
