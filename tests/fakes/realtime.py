@@ -33,6 +33,7 @@ class RealtimeScript:
     drop_after_seconds: float | None = None  # close the socket abruptly mid-call
     response_ms: int = 3000  # length of each spoken answer
     answers: list[str] = field(default_factory=list)  # transcripts, in order
+    tool_calls: list[tuple[str, str]] = field(default_factory=list)  # (name, arguments)
 
 
 class RealtimeSession:
@@ -87,7 +88,7 @@ class RealtimeSession:
             self.items.append(item)
             self.send({"type": "conversation.item.added", "item": item})
         elif kind == "response.create":
-            self.start_response()
+            self.start_response(event.get("response", {}).get("instructions", ""))
         elif kind == "input_audio_buffer.append":
             self.listen(base64.b64decode(event["audio"]))
         elif kind == "conversation.item.truncate":
@@ -150,11 +151,15 @@ class RealtimeSession:
                 )
                 self.start_response()
 
-    def start_response(self) -> None:
+    def start_response(self, instructions: str = "") -> None:
         if self.response:
             return
+        if self.script.tool_calls and not instructions:
+            self.call_tool(*self.script.tool_calls.pop(0))
+            return
         answers = self.script.answers
-        transcript = answers.pop(0) if answers else f"agent answer {self.turns}"
+        scripted = instructions.partition("Say exactly this and nothing else: ")[2]
+        transcript = scripted or (answers.pop(0) if answers else f"agent answer {self.turns}")
         rid, item = self._id("resp"), self._id("item")
         self.response = {"id": rid, "item_id": item, "sent_ms": 0, "transcript": transcript}
         with self.lock:  # what the fake said, for tests that need its item ids
@@ -198,6 +203,23 @@ class RealtimeSession:
                     "delta": base64.b64encode(chunk).decode(),
                 }
             )
+
+    def call_tool(self, name: str, arguments: str) -> None:
+        """A response that is a function call, as the model makes it."""
+        rid, item, call_id = self._id("resp"), self._id("item"), self._id("call")
+        self.send({"type": "response.created", "response": {"id": rid, "status": "in_progress"}})
+        self.send(
+            {
+                "type": "response.function_call_arguments.done",
+                "response_id": rid,
+                "item_id": item,
+                "output_index": 0,
+                "call_id": call_id,
+                "name": name,
+                "arguments": arguments,
+            }
+        )
+        self.send({"type": "response.done", "response": {"id": rid, "status": "completed"}})
 
     def finish_response(self, status: str) -> None:
         response, self.response = self.response, None

@@ -47,6 +47,7 @@ class TwilioMediaClient:
         self.received: list[tuple[float, dict]] = []
         self.clears: list[dict] = []  # {"at", "played_ms"} of the segment being played
         self.marks_echoed: list[str] = []
+        self.echo_times: list[float] = []
         self.closed_at: float | None = None
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
@@ -217,6 +218,7 @@ class TwilioMediaClient:
 
     def _echo(self, name: str) -> None:
         self.marks_echoed.append(name)
+        self.echo_times.append(time.monotonic())
         try:
             self._send(
                 {
