@@ -118,6 +118,10 @@ class CallStore:
     def record_agent(self, sid: str, words: str, mode: str = "gather") -> None:
         self.append(sid, "assistant", words, mode)
 
+    def claim_report(self, sid: str) -> bool:
+        """True once per call: repeated status callbacks send one report."""
+        return bool(self.redis.set(self._key(sid, "reported"), 1, nx=True, ex=self.retention))
+
     def set_end_reason(self, sid: str, reason: str) -> None:
         """How the app ended the call (transferred, ended-by-agent, limit-reached...)."""
         self.redis.hset(self._key(sid, "meta"), "end_reason", reason)

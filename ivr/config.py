@@ -77,6 +77,7 @@ class Settings:
     max_turns: int = 50
     end_of_call_webhook_url: str = ""
     end_of_call_webhook_secret: str = ""
+    end_of_call_retry_seconds: float = 2.0
     prompts_dir: Path = field(default=DEFAULT_PROMPTS_DIR)
 
     @property
@@ -132,6 +133,7 @@ _SPEC: list[tuple[str, str, str]] = [
     ("max_turns", "MAX_TURNS", "int"),
     ("end_of_call_webhook_url", "END_OF_CALL_WEBHOOK_URL", "str"),
     ("end_of_call_webhook_secret", "END_OF_CALL_WEBHOOK_SECRET", "str"),
+    ("end_of_call_retry_seconds", "END_OF_CALL_RETRY_SECONDS", "float"),
     ("prompts_dir", "PROMPTS_DIR", "path"),
 ]
 

@@ -22,6 +22,7 @@ from .calls import CallStore, TurnRecord
 from .config import Settings
 from .llm import LLMUnavailable, Responder
 from .prompts import Prompts
+from .report import build_report
 from .speakable import make_speakable
 from .tools import ToolCall, ToolRegistry
 
@@ -63,12 +64,14 @@ class Conversation:
         prompts: Prompts,
         settings: Settings,
         tools: ToolRegistry,
+        reports=None,
     ):
         self.store = store
         self.responder = responder
         self.prompts = prompts
         self.settings = settings
         self.tools = tools
+        self.reports = reports  # a report.ReportSender, when END_OF_CALL_WEBHOOK_URL is set
 
     def line(self, name: str) -> str:
         return self.prompts.say(name, FALLBACK_LINES[name])
@@ -110,7 +113,14 @@ class Conversation:
         return result
 
     def finish(self, sid: str, status: str) -> None:
+        """The call ended: keep its record for the retention period, report it once."""
         self._safely(sid, "finish", lambda: self.store.finish(sid, status))
+        if self.reports and self._safely(sid, "claim report", lambda: self.store.claim_report(sid)):
+            report = self._safely(
+                sid, "build report", lambda: build_report(self.store, sid, status)
+            )
+            if report:
+                self.reports.send_later(report)
 
     # -- the turn -------------------------------------------------------------------
 

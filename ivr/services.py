@@ -23,6 +23,7 @@ from .control import CallControl
 from .conversation import FALLBACK_LINES, Conversation
 from .llm import Responder
 from .prompts import Prompts
+from .report import ReportSender
 from .tools import load_modules
 from .tools import registry as tool_registry
 
@@ -94,6 +95,15 @@ def build_services(settings: Settings, prompts: Prompts) -> Services:
         attempt_timeout=settings.llm_attempt_timeout,
         max_tokens=settings.llm_max_tokens,
     )
+    reports = (
+        ReportSender(
+            settings.end_of_call_webhook_url,
+            settings.end_of_call_webhook_secret,
+            backoff=settings.end_of_call_retry_seconds,
+        )
+        if settings.end_of_call_webhook_url
+        else None
+    )
     # Twilio's REST API moves live streaming calls (transfer, hang up).
     twilio_rest = (
         TwilioClient(settings.twilio_account_sid, settings.twilio_auth_token)
@@ -115,7 +125,9 @@ def build_services(settings: Settings, prompts: Prompts) -> Services:
         openai=openai_client,
         store=store,
         responder=responder,
-        conversation=Conversation(store, responder, prompts, settings, tool_registry),
+        conversation=Conversation(
+            store, responder, prompts, settings, tool_registry, reports=reports
+        ),
         call_control=call_control,
         breaker=StreamBreaker(
             redis_client,
