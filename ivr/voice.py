@@ -89,6 +89,15 @@ def process_speech(sid: str):
     return twiml.render(render_result(result, services.settings))
 
 
+@bp.post("/voice-fallback")
+@twilio_webhook
+def voice_fallback(sid: str):
+    """The number's fallback URL: Twilio calls it when a webhook failed or timed out."""
+    services = get_services()
+    doc = twiml.gather_turn(services.conversation.line("apology"), None, services.settings)
+    return twiml.render(doc)
+
+
 @bp.post("/call-status")
 @twilio_signed
 def call_status():
