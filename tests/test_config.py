@@ -93,3 +93,32 @@ def test_the_environment_is_read_when_no_overrides_are_given(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "k")
     monkeypatch.setenv("REPROMPT_LIMIT", "5")
     assert load_settings().reprompt_limit == 5
+
+
+def test_every_setting_is_documented_and_listed_in_env_example():
+    from pathlib import Path
+
+    from ivr.config import ENV_NAMES
+
+    root = Path(__file__).resolve().parent.parent
+    example = (root / ".env.example").read_text()
+    readme = (root / "README.md").read_text()
+    listed = {
+        line.split("=", 1)[0] for line in example.splitlines() if line and not line.startswith("#")
+    }
+    assert set(ENV_NAMES) <= listed
+    assert [name for name in ENV_NAMES if f"`{name}`" not in readme] == []
+
+
+def test_env_example_is_a_valid_configuration_once_the_secrets_are_filled_in(tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    environ = dict(
+        line.split("=", 1)
+        for line in (root / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    environ.update(TWILIO_AUTH_TOKEN="t", OPENAI_API_KEY="k", PROMPTS_DIR=str(root / "prompts"))
+    settings = load_settings(environ=environ)
+    assert settings.max_turns == 50
