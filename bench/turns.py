@@ -25,7 +25,6 @@ import json
 import os
 import pstats
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,14 +40,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.fakes.openai_server import FakeOpenAI  # noqa: E402
+from tests.fakes.redis_server import free_port, start_redis  # noqa: E402
 
 TOKEN = "bench-auth-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pct(samples: list[float], p: float) -> float:
@@ -66,26 +60,8 @@ class Services:
     def __init__(self):
         self.procs: list[subprocess.Popen] = []
         self.tmp = Path(tempfile.mkdtemp(prefix="ivr-bench-"))
-        port = free_port()
-        self.procs.append(
-            subprocess.Popen(
-                [
-                    shutil.which("redis-server") or "redis-server",
-                    "--port",
-                    str(port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    str(self.tmp),
-                ],
-                stdout=subprocess.DEVNULL,
-            )
-        )
-        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        proc, self.redis_url = start_redis(shutil.which("redis-server") or "redis-server", self.tmp)
+        self.procs.append(proc)
         self.fake = FakeOpenAI().start()
 
     def env(self) -> dict:

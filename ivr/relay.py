@@ -86,7 +86,6 @@ class Relay:
         config: RelayConfig,
         on_failure: Callable[[str], None] = lambda reason: None,
         on_success: Callable[[], None] = lambda: None,
-        on_dtmf: Callable[[Relay, str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         control=None,
     ):
@@ -96,7 +95,6 @@ class Relay:
         self.config = config
         self.on_failure = on_failure
         self.on_success = on_success
-        self.on_dtmf = on_dtmf
         self.clock = clock
         self.control = control
 
@@ -186,8 +184,6 @@ class Relay:
         elif kind == "dtmf":
             digit = event["dtmf"]["digit"]
             self.record("dtmf", digit)
-            if self.on_dtmf:
-                self.on_dtmf(self, digit)
             if self.control:
                 self.control.on_dtmf(digit)
         elif kind == "stop":

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -17,15 +14,10 @@ from ivr import create_app
 from ivr.config import ENV_NAMES
 
 from .fakes.openai_server import FakeOpenAI
+from .fakes.redis_server import start_redis
 from .twilio_sim import ACCOUNT_SID, AUTH_TOKEN, TwilioCall
 
 PROJECT_PROMPTS = Path(__file__).resolve().parent.parent / "prompts"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -37,37 +29,10 @@ def redis_url(tmp_path_factory):
             "it yourself (apt-get install redis-server, or brew install redis).",
             returncode=3,
         )
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [
-            exe,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis_lib.Redis.from_url(url)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis_lib.ConnectionError:
-            time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.exit("redis-server did not start", returncode=3)
-    client.close()
+    try:
+        proc, url = start_redis(exe, tmp_path_factory.mktemp("redis"))
+    except RuntimeError as exc:
+        pytest.exit(str(exc), returncode=3)
     yield url
     proc.terminate()
     proc.wait(timeout=10)

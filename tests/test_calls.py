@@ -13,7 +13,7 @@ import redis as redis_lib
 from ivr import create_app
 from ivr.calls import CallStore
 
-from .conftest import free_port
+from .fakes.redis_server import free_port
 from .twilio_sim import TwilioCall, spoken
 
 

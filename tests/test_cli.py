@@ -13,7 +13,7 @@ import responses
 from ivr.cli import main
 from ivr.simulator import Answer, Simulator, TwilioWouldFail, parse_input
 
-from .conftest import free_port
+from .fakes.redis_server import free_port
 from .test_serving import start_gunicorn
 from .twilio_sim import ACCOUNT_SID, TwilioCall
 

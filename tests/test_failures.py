@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ivr import create_app
 
-from .conftest import free_port
+from .fakes.redis_server import free_port
 from .twilio_sim import TwilioCall, spoken
 
 

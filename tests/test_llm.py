@@ -10,8 +10,8 @@ import pytest
 from ivr import create_app
 from ivr.llm import LLMUnavailable, Responder
 
-from .conftest import free_port
 from .fakes.openai_server import Fail, Hang, Reply
+from .fakes.redis_server import free_port
 from .twilio_sim import TwilioCall, spoken
 
 

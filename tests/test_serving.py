@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from .conftest import free_port
+from .fakes.redis_server import free_port
 from .twilio_sim import AUTH_TOKEN, new_sid, sign
 
 ROOT = Path(__file__).resolve().parent.parent
