@@ -73,6 +73,9 @@ class Services:
             "OPENAI_MODEL": "bench-model",
             "REDIS_URL": self.redis_url,
             "LOG_LEVEL": "warning",
+            # One benchmark call takes thousands of turns.
+            "MAX_TURNS": "1000000",
+            "MAX_CALL_SECONDS": "86400",
         }
 
     def gunicorn(
@@ -206,6 +209,8 @@ def profile_in_process(svc: Services, turns: int) -> list[tuple[str, float]]:
                 "OPENAI_API_KEY",
                 "OPENAI_BASE_URL",
                 "REDIS_URL",
+                "MAX_TURNS",
+                "MAX_CALL_SECONDS",
                 "OPENAI_MODEL",
             )
         }
