@@ -234,3 +234,17 @@ def test_streaming_needs_an_account_sid(stream_config):
     with pytest.raises(ConfigError) as info:
         create_app({**stream_config, "TWILIO_ACCOUNT_SID": ""})
     assert info.value.problems[0].startswith("TWILIO_ACCOUNT_SID is missing")
+
+
+def test_the_turn_limit_ends_a_streaming_call(serve, fake_openai, twilio_api, prompts_dir):
+    live = serve(MAX_TURNS="1")
+    fake_openai.realtime.response_ms = 200
+    media = open_stream(live)
+    media.talk(
+        [("silence", 400), ("speech", 400), ("silence", 600), ("speech", 400), ("silence", 500)]
+    )
+    assert wait_for(lambda: updates(twilio_api), timeout=5)
+    media.hang_up()
+    twiml = updates(twilio_api)[0][1]
+    assert twiml.find("Say").text == (prompts_dir / "turn_limit.txt").read_text().strip()
+    assert twiml.find("Hangup") is not None
