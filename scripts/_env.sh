@@ -23,8 +23,14 @@ ensure_venv() {
     # Reinstall only when the dependency list changed since the last install.
     local stamp=".venv/.installed-$extras"
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-        .venv/bin/python -m pip install --quiet --upgrade pip
-        .venv/bin/python -m pip install --quiet -e ".[$extras]"
+        echo "Installing into .venv (first run, or pyproject.toml changed)..." >&2
+        # Build chatter goes to a log; it is shown only if the install fails.
+        if ! { .venv/bin/python -m pip install --upgrade pip &&
+            .venv/bin/python -m pip install -e ".[$extras]"; } >.venv/install.log 2>&1; then
+            cat .venv/install.log >&2
+            echo "Installing the package failed (log above)." >&2
+            exit 1
+        fi
         touch "$stamp"
     fi
 }
