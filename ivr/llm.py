@@ -119,7 +119,11 @@ class Responder:
             new.append(asked)
             for tool_call in tool_calls:
                 function = tool_call.get("function", {})
-                result = tools.run(function.get("name", ""), function.get("arguments", ""), call)
+                # A tool gets at most what the turn has left: Twilio's 15 s holds.
+                left = max(0.1, min(call.settings.tool_timeout, deadline - time.monotonic()))
+                result = tools.run(
+                    function.get("name", ""), function.get("arguments", ""), call, timeout=left
+                )
                 answer = {
                     "role": "tool",
                     "tool_call_id": tool_call.get("id", ""),

@@ -109,8 +109,12 @@ class ToolRegistry:
             for t in self.offered(settings)
         ]
 
-    def run(self, name: str, arguments: str, call: ToolCall) -> str:
-        """Run a tool; always returns a JSON string for the model, errors included."""
+    def run(self, name: str, arguments: str, call: ToolCall, timeout: float | None = None) -> str:
+        """Run a tool; always returns a JSON string for the model, errors included.
+
+        `timeout` (default TOOL_TIMEOUT_SECONDS) lets a caller with a deadline,
+        like a Gather turn, give a tool only the time the turn has left.
+        """
         tool = self._tools.get(name)
         if tool is None or not tool.enabled(call.settings):
             return json.dumps({"error": f"no tool named {name}"})
@@ -122,7 +126,8 @@ class ToolRegistry:
             return json.dumps({"error": f"bad arguments: {exc}"})
         future = _pool.submit(tool.handler, call, **kwargs)
         try:
-            result = future.result(timeout=call.settings.tool_timeout)
+            limit = call.settings.tool_timeout if timeout is None else timeout
+            result = future.result(timeout=limit)
         except concurrent.futures.TimeoutError:
             log.warning("call %s: tool %s timed out", call.call_sid, name)
             return json.dumps({"error": f"{name} took too long and was abandoned"})

@@ -28,5 +28,5 @@ def explode(call):
 
 @tool("slow", "A tool that never answers in time.", enabled=_loaded)
 def slow(call):
-    time.sleep(2)
+    time.sleep(5)
     return {"too": "late"}

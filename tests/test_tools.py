@@ -170,3 +170,22 @@ def test_the_time_limit_ends_the_call_politely(config, fake_openai, prompts_dir,
     assert spoken(root) == [(prompts_dir / "time_limit.txt").read_text().strip()]
     assert root.find("Hangup") is not None
     assert fake_openai.chat_requests == []
+
+
+def test_a_tool_gets_no_more_than_the_turn_has_left(config, fake_openai, prompts_dir):
+    """A 5 s tool in a 1.8 s turn is cut at the deadline, so Twilio's 15 s always holds."""
+    app = create_app(
+        {
+            **config,
+            "TOOLS_MODULES": "tests.agent_tools_example",
+            "LLM_DEADLINE_SECONDS": "1.8",
+            "TOOL_TIMEOUT_SECONDS": "4",
+        }
+    )
+    call = TwilioCall(app.test_client())
+    call.start()
+    fake_openai.queue(CallTool("slow"))
+    started = time.monotonic()
+    root = call.say("Do the slow thing")
+    assert time.monotonic() - started < 3.5  # not the tool's 5 s, nor its 4 s timeout
+    assert spoken(root) == [(prompts_dir / "error.txt").read_text().strip()]
