@@ -267,3 +267,45 @@ def test_transcript_of_an_unknown_call(env, monkeypatch, capsys):
 def test_the_fallback_url_keeps_the_call_going(call, prompts_dir):
     root = call.post("/voice-fallback")
     assert root.find("Gather").find("Say").text == (prompts_dir / "apology.txt").read_text().strip()
+
+
+ACCOUNT = f"https://api.twilio.com/2010-04-01/Accounts/{ACCOUNT_SID}.json"
+
+
+def test_check_verifies_twilio_credentials(env, monkeypatch, capsys, fake_openai):
+    monkeypatch.setenv("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
+    with responses.RequestsMock() as mock:
+        mock.add(responses.GET, ACCOUNT, json={"sid": ACCOUNT_SID, "friendly_name": "Bakery"})
+        code, out, _ = run(monkeypatch, capsys, ["check"])
+    assert code == 0, out
+    assert re.search(r"^ok\s+twilio: account Bakery", out, re.M)
+
+
+def test_check_reports_refused_twilio_credentials(env, monkeypatch, capsys, fake_openai):
+    monkeypatch.setenv("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
+    with responses.RequestsMock() as mock:
+        mock.add(
+            responses.GET,
+            ACCOUNT,
+            status=401,
+            json={"code": 20003, "message": "Authenticate", "status": 401},
+        )
+        code, out, _ = run(monkeypatch, capsys, ["check"])
+    assert code == 1
+    assert re.search(
+        r"^FAILED\s+twilio: .*check TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN", out, re.M
+    )
+
+
+@pytest.mark.parametrize("mode, verdict", [("ok", "ok"), ("refuse", "FAILED")])
+def test_check_opens_a_realtime_connection_in_streaming_mode(
+    env, monkeypatch, capsys, fake_openai, mode, verdict
+):
+    monkeypatch.setenv("STREAMING_ENABLED", "true")
+    monkeypatch.setenv("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
+    fake_openai.realtime.mode = mode
+    with responses.RequestsMock() as mock:
+        mock.add(responses.GET, ACCOUNT, json={"sid": ACCOUNT_SID, "friendly_name": "B"})
+        code, out, _ = run(monkeypatch, capsys, ["check"])
+    assert re.search(rf"^{verdict}\s+realtime model", out, re.M), out
+    assert code == (0 if mode == "ok" else 1)
