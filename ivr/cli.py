@@ -207,6 +207,7 @@ def _who(entry: dict) -> str:
     return {
         "user": "caller",
         "assistant": "agent",
+        "agent_line": "agent",
         "tool": "tool result",
         "caller_unclear": "caller (unclear)",
         "dtmf": "caller pressed",

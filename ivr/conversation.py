@@ -92,7 +92,13 @@ class Conversation:
     def resume_after_stream(self, sid: str) -> dict:
         """The stream ended under a live call: carry on in Gather mode, history intact."""
         turn = self._safely(sid, "resume", lambda: self.store.resume_in_gather(sid))
-        return {"kind": "answer", "text": self.line("stream_fallback"), "next": turn}
+        text = self.line("stream_fallback")
+        self._safely(
+            sid,
+            "record fallback",
+            lambda: self.store.append(sid, "agent_line", text, "gather", kind="stream_fallback"),
+        )
+        return {"kind": "answer", "text": text, "next": turn}
 
     def take_turn(self, sid: str, turn: int | None, heard: Heard, started: float) -> dict:
         """Answer turn `turn` of call `sid`; `started` is the request's monotonic time."""
@@ -109,6 +115,13 @@ class Conversation:
             if not first:
                 return self._await_first_delivery(sid, turn, deadline)
         result, messages = self._answer(sid, turn, heard, deadline)
+        if not any(m["role"] == "assistant" and m.get("content") for m in messages):
+            # Lines from prompts/ go in the transcript too, under their own role
+            # so the model's history holds only the conversation itself.
+            messages = [
+                *messages,
+                {"role": "agent_line", "content": result["text"], "kind": result["kind"]},
+            ]
         self._safely(sid, "end turn", lambda: self.store.end_turn(sid, turn, result, messages))
         return result
 

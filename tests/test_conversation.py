@@ -28,9 +28,11 @@ def test_low_confidence_reprompts_and_keeps_the_words_aside(call, fake_openai, r
     assert spoken(root) == [reprompt_line(prompts_dir)]
     assert fake_openai.chat_requests == []
     transcript = call.client.application.extensions["ivr"].store.transcript(call.sid)
-    assert transcript[-1]["role"] == "caller_unclear"
-    assert transcript[-1]["content"] == "mumble mumble"
-    assert transcript[-1]["confidence"] == 0.2
+    (unclear,) = [e for e in transcript if e["role"] == "caller_unclear"]
+    assert unclear["content"] == "mumble mumble"
+    assert unclear["confidence"] == 0.2
+    assert transcript[-1]["role"] == "agent_line"  # the reprompt, as said
+    assert transcript[-1]["kind"] == "reprompt"
 
 
 def test_confidence_at_the_threshold_is_accepted(call, fake_openai):

@@ -93,6 +93,13 @@ def test_how_the_call_ended_is_reported(report_call, receiver, fake_openai):
     assert report["ended_by"] == "ended-by-agent"
     tool_entries = [e for e in report["transcript"] if e["role"] == "tool"]
     assert json.loads(tool_entries[0]["content"]) == {"status": "ending"}
+    farewell = call.client.application.extensions["ivr"].prompts.get("farewell")
+    assert report["transcript"][-1] == {
+        **report["transcript"][-1],
+        "role": "agent_line",
+        "content": farewell,
+        "kind": "end",
+    }
 
 
 def test_a_500_is_retried_until_accepted(report_call, receiver):
