@@ -97,3 +97,27 @@ def test_forged_requests_are_refused_by_the_server(dynos):
     )
     assert response.status_code == 403
     assert AUTH_TOKEN not in response.text
+
+
+def test_a_streaming_call_through_gunicorn(stream_config, fake_openai, tmp_path):
+    """The media-stream WebSocket under the Procfile's server (gevent workers)."""
+    from .fakes.twilio_media import TwilioMediaClient
+    from .test_streaming import wait_for
+
+    env = {k: v for k, v in os.environ.items() if k not in stream_config}
+    env.update(stream_config)
+    port = free_port()
+    proc = start_gunicorn(env, port, tmp_path / "gunicorn.log")
+    try:
+        fake_openai.realtime.response_ms = 400
+        media = TwilioMediaClient(
+            f"ws://127.0.0.1:{port}/media-stream", AUTH_TOKEN, new_sid()
+        ).start()
+        media.talk([("silence", 300), ("speech", 400), ("silence", 500)])
+        assert wait_for(lambda: media.audio_ms() >= 800, timeout=8)
+        assert wait_for(lambda: len(fake_openai.events("input_audio_buffer.append")) >= 60)
+        media.hang_up()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert len(media.events("mark")) == len(media.events("media"))
