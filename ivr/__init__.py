@@ -47,7 +47,7 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
             "Use this for local development only. !!!"
         )
 
-    from .streaming import ReadInCaller
+    from .sockets import ReadInCaller
     from .streaming import bp as streaming_bp
     from .voice import bp as voice_bp
 

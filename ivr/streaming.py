@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
 
 from flask import Blueprint, abort, request
 from flask_sock import Sock
-from simple_websocket import ConnectionClosed
 from twilio.twiml.voice_response import VoiceResponse
-from wsproto.events import Ping, TextMessage
 
 from . import twiml
 from .control import StreamControl
 from .relay import Relay, RelayConfig
 from .security import signature_is_valid
 from .services import Services, get_services
+from .sockets import RealtimeSocket, TwilioSocket
 
 log = logging.getLogger(__name__)
 
@@ -81,91 +79,6 @@ def media_stream(ws):
     _end_tcp(ws)
 
 
-class ReadInCaller:
-    """simple-websocket's reader thread, not started: TwilioSocket.receive reads instead."""
-
-    def __init__(self, target=None, **kwargs):
-        self.name = "unused-reader"
-
-    def start(self) -> None:
-        pass
-
-
-class TwilioSocket:
-    """flask-sock's socket, with the two things the relay needs beyond it.
-
-    `send_many` writes several messages in one socket write: each audio delta
-    goes out as a media message and a mark, and one system call instead of
-    two is a measurable share of the relay's CPU (README). `close` also wakes
-    a `receive()` waiting without a timeout, which simple-websocket's own
-    close leaves asleep until the peer answers. And it sends the keepalive
-    pings that stop idle platform proxies from cutting the stream, from one
-    sleeping thread per call rather than a timer checked on every read.
-    """
-
-    def __init__(self, ws, ping_every: float = 0.0):
-        self.ws = ws
-        self._timeout: float | None = -1.0
-        self._stop = threading.Event()
-        if ping_every > 0:
-            threading.Thread(
-                target=self._keepalive, args=(ping_every,), daemon=True, name="twilio-keepalive"
-            ).start()
-
-    def _keepalive(self, every: float) -> None:
-        while not self._stop.wait(every):
-            try:
-                self.ws.sock.sendall(self.ws.ws.send(Ping()))
-            except Exception:  # the socket is gone; the relay notices on its own
-                return
-
-    def stop_pinging(self) -> None:
-        self._stop.set()
-
-    def send(self, data: str) -> None:
-        self.ws.send(data)
-
-    def send_many(self, *messages: str) -> None:
-        ws = self.ws
-        if not ws.connected:
-            raise ConnectionClosed(ws.close_reason, ws.close_message)
-        ws.sock.sendall(b"".join(ws.ws.send(TextMessage(data=m)) for m in messages))
-
-    def receive(self, timeout: float | None = None):
-        """The next message, or None after `timeout`; read in the caller's own greenlet.
-
-        simple-websocket would read in a thread of its own and hand each
-        message over through an Event: two context switches per 20 ms frame.
-        With `ReadInCaller` as its thread class, that loop body runs here.
-        """
-        ws = self.ws
-        while not ws.input_buffer:
-            if not ws.connected:
-                raise ConnectionClosed(ws.close_reason, ws.close_message)
-            if timeout != self._timeout:
-                ws.sock.settimeout(timeout)
-                self._timeout = timeout
-            try:
-                data = ws.sock.recv(ws.receive_bytes)
-            except TimeoutError:
-                return None
-            except OSError as exc:
-                ws.connected = False
-                raise ConnectionClosed(ws.close_reason, str(exc)) from exc
-            if not data:
-                ws.connected = False
-                raise ConnectionClosed(ws.close_reason, ws.close_message)
-            ws.ws.receive_data(data)
-            ws.connected = ws._handle_events()
-        return ws.input_buffer.pop(0)
-
-    def close(self) -> None:
-        try:
-            self.ws.close()
-        finally:
-            self.ws.event.set()
-
-
 def _end_tcp(ws) -> None:
     """Finish the TCP connection now that the WebSocket is closed.
 
@@ -200,4 +113,4 @@ def open_realtime(services: Services):
     )
     # Entered by hand, not in a with-block: the relay owns the connection and
     # closes it when the call or the model ends.
-    return manager.__enter__()
+    return RealtimeSocket(manager.__enter__())
