@@ -194,7 +194,13 @@ class Relay:
         if not payload:
             return
         if started:
-            self.model.send_raw('{"type":"input_audio_buffer.append","audio":"' + payload + '"}')
+            try:
+                self.model.send_raw(
+                    '{"type":"input_audio_buffer.append","audio":"' + payload + '"}'
+                )
+            except Exception as exc:  # the model's socket is gone: fall back, and count it
+                if not self._stopping:
+                    self._fail("model-lost", f"model connection lost: {exc!r}")
         else:
             self._early_frames.append(payload)
 

@@ -230,3 +230,17 @@ def test_a_stream_without_start_is_closed_and_the_model_with_it():
     thread.join(timeout=5)
     assert relay.outcome == "no-start"
     assert model.closed.is_set()
+
+
+def test_a_model_socket_that_fails_on_send_is_a_lost_model(rig):
+    assert settle(lambda: rig.relay._reader is not None)
+
+    def broken(raw):
+        raise ConnectionError("socket closed")
+
+    rig.model.send_raw = broken
+    rig.twilio.push({"event": "media", "streamSid": STREAM, "media": {"payload": "AAAA"}})
+    rig.thread.join(timeout=5)
+    assert rig.relay.outcome == "model-lost"
+    assert rig.twilio.closed.is_set()
+    assert len(rig.failures) == 1
