@@ -118,6 +118,7 @@ class StreamControl:
         self.ending_since: float | None = None  # the agent is saying goodbye
         self.farewell_said = False
         self.done = False
+        self._done_lock = threading.Lock()  # the watchdog and the relay's loops race here
         self._stop = threading.Event()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -190,14 +191,20 @@ class StreamControl:
         else:
             relay.send_tool_output(call_id, output)
 
-    def _transfer(self) -> None:
-        if not self.done:
+    def _claim_end(self) -> bool:
+        """True for the one caller that gets to end or move the call."""
+        with self._done_lock:
+            if self.done:
+                return False
             self.done = True
+            return True
+
+    def _transfer(self) -> None:
+        if self._claim_end():
             self.control.transfer(self.relay.call_sid)
 
     def _finish(self, reason: str, line: str | None = None) -> None:
-        if not self.done:
-            self.done = True
+        if self._claim_end():
             self.control.hang_up(self.relay.call_sid, reason, line)
 
     def _watch(self) -> None:
