@@ -65,8 +65,10 @@ def test_a_plain_socket_uses_sendall():
 
 def test_the_breaker_without_redis_lets_streams_be_tried():
     import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
-    dead = redis.Redis(port=free_port(), socket_connect_timeout=0.2)
+    dead = redis.Redis(port=free_port(), socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
     breaker = StreamBreaker(dead, threshold=1, cooldown=60)
     assert breaker.is_open() is False
     breaker.record_failure("refused")  # logged, not raised
