@@ -41,7 +41,6 @@ class ModelUnavailable(Exception):
 
 @dataclass
 class RelayConfig:
-    call_sid_hint: str = ""
     instructions: str = ""
     greeting: str = ""
     voice: str = "marin"
