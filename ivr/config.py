@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 # Twilio waits 15 s in total for a webhook answer; the LLM's share must leave
@@ -27,58 +27,65 @@ class ConfigError(Exception):
         super().__init__(" ".join(problems))
 
 
+def env(name: str, default: object):
+    """A setting read from environment variable `name`; its type comes from the annotation."""
+    return field(default=default, metadata={"env": name})
+
+
 @dataclass(frozen=True)
 class Settings:
-    twilio_auth_token: str = ""
-    twilio_account_sid: str = ""
-    twilio_webhook_signing_secret: str = ""
-    validate_twilio_signature: bool = True
-    public_base_url: str = ""
+    twilio_auth_token: str = env("TWILIO_AUTH_TOKEN", "")
+    twilio_account_sid: str = env("TWILIO_ACCOUNT_SID", "")
+    twilio_webhook_signing_secret: str = env("TWILIO_WEBHOOK_SIGNING_SECRET", "")
+    validate_twilio_signature: bool = env("VALIDATE_TWILIO_SIGNATURE", True)
+    public_base_url: str = env("PUBLIC_BASE_URL", "")
 
-    openai_api_key: str = ""
-    openai_base_url: str = ""
-    openai_model: str = "gpt-4.1-mini"
-    openai_realtime_model: str = "gpt-realtime"
-    llm_deadline: float = 8.0
-    llm_attempt_timeout: float = 5.0
-    llm_max_tokens: int = 300
+    openai_api_key: str = env("OPENAI_API_KEY", "")
+    openai_base_url: str = env("OPENAI_BASE_URL", "")
+    openai_model: str = env("OPENAI_MODEL", "gpt-4.1-mini")
+    openai_realtime_model: str = env("OPENAI_REALTIME_MODEL", "gpt-realtime")
+    llm_deadline: float = env("LLM_DEADLINE_SECONDS", 8.0)
+    llm_attempt_timeout: float = env("LLM_ATTEMPT_TIMEOUT_SECONDS", 5.0)
+    llm_max_tokens: int = env("LLM_MAX_TOKENS", 300)
 
-    redis_url: str = ""
-    history_max_messages: int = 20
-    call_ttl: int = 4 * 3600
-    transcript_retention: int = 7 * 24 * 3600
+    redis_url: str = env("REDIS_URL", "")
+    history_max_messages: int = env("HISTORY_MAX_MESSAGES", 20)
+    call_ttl: int = env("CALL_TTL_SECONDS", 4 * 3600)
+    transcript_retention: int = env("TRANSCRIPT_RETENTION_SECONDS", 7 * 24 * 3600)
 
-    confidence_threshold: float = 0.5
-    reprompt_limit: int = 3
-    max_reply_chars: int = 450
-    voice: str = "Polly.Joanna-Neural"
-    language: str = "en-US"
-    speech_model: str = ""
-    speech_timeout: str = "auto"
-    speech_hints: str = ""
+    confidence_threshold: float = env("CONFIDENCE_THRESHOLD", 0.5)
+    reprompt_limit: int = env("REPROMPT_LIMIT", 3)
+    max_reply_chars: int = env("MAX_REPLY_CHARS", 450)
+    voice: str = env("TTS_VOICE", "Polly.Joanna-Neural")
+    language: str = env("SPEECH_LANGUAGE", "en-US")
+    speech_model: str = env("SPEECH_MODEL", "")
+    speech_timeout: str = env("SPEECH_TIMEOUT", "auto")
+    speech_hints: str = env("SPEECH_HINTS", "")
 
-    streaming_enabled: bool = False
-    stream_connect_timeout: float = 2.0
-    realtime_voice: str = "marin"
-    realtime_turn_detection: str = "server_vad"
-    realtime_transcription_model: str = "gpt-4o-mini-transcribe"
-    stream_breaker_threshold: int = 3
-    stream_breaker_cooldown: int = 60
-    stream_ping_interval: float = 20.0
-    stream_idle_seconds: float = 12.0
+    streaming_enabled: bool = env("STREAMING_ENABLED", False)
+    stream_connect_timeout: float = env("STREAM_CONNECT_TIMEOUT_SECONDS", 2.0)
+    realtime_voice: str = env("REALTIME_VOICE", "marin")
+    realtime_turn_detection: str = env("REALTIME_TURN_DETECTION", "server_vad")
+    realtime_transcription_model: str = env(
+        "REALTIME_TRANSCRIPTION_MODEL", "gpt-4o-mini-transcribe"
+    )
+    stream_breaker_threshold: int = env("STREAM_BREAKER_THRESHOLD", 3)
+    stream_breaker_cooldown: int = env("STREAM_BREAKER_COOLDOWN_SECONDS", 60)
+    stream_ping_interval: float = env("STREAM_PING_SECONDS", 20.0)
+    stream_idle_seconds: float = env("STREAM_IDLE_SECONDS", 12.0)
 
-    tools_modules: str = ""
-    tool_timeout: float = 4.0
-    transfer_number: str = ""
-    transfer_caller_id: str = ""
-    dtmf_transfer_key: str = "0"
-    dtmf_repeat_key: str = "*"
-    max_call_seconds: int = 600
-    max_turns: int = 50
-    end_of_call_webhook_url: str = ""
-    end_of_call_webhook_secret: str = ""
-    end_of_call_retry_seconds: float = 2.0
-    prompts_dir: Path = field(default=DEFAULT_PROMPTS_DIR)
+    tools_modules: str = env("TOOLS_MODULES", "")
+    tool_timeout: float = env("TOOL_TIMEOUT_SECONDS", 4.0)
+    transfer_number: str = env("TRANSFER_NUMBER", "")
+    transfer_caller_id: str = env("TRANSFER_CALLER_ID", "")
+    dtmf_transfer_key: str = env("DTMF_TRANSFER_KEY", "0")
+    dtmf_repeat_key: str = env("DTMF_REPEAT_KEY", "*")
+    max_call_seconds: int = env("MAX_CALL_SECONDS", 600)
+    max_turns: int = env("MAX_TURNS", 50)
+    end_of_call_webhook_url: str = env("END_OF_CALL_WEBHOOK_URL", "")
+    end_of_call_webhook_secret: str = env("END_OF_CALL_WEBHOOK_SECRET", "")
+    end_of_call_retry_seconds: float = env("END_OF_CALL_RETRY_SECONDS", 2.0)
+    prompts_dir: Path = env("PROMPTS_DIR", DEFAULT_PROMPTS_DIR)
 
     @property
     def gather_speech_timeout(self) -> str:
@@ -88,56 +95,10 @@ class Settings:
         return self.speech_timeout
 
 
-# (attribute, environment variable, parser) in the order they are documented.
-_SPEC: list[tuple[str, str, str]] = [
-    ("twilio_auth_token", "TWILIO_AUTH_TOKEN", "str"),
-    ("twilio_account_sid", "TWILIO_ACCOUNT_SID", "str"),
-    ("twilio_webhook_signing_secret", "TWILIO_WEBHOOK_SIGNING_SECRET", "str"),
-    ("validate_twilio_signature", "VALIDATE_TWILIO_SIGNATURE", "bool"),
-    ("public_base_url", "PUBLIC_BASE_URL", "str"),
-    ("openai_api_key", "OPENAI_API_KEY", "str"),
-    ("openai_base_url", "OPENAI_BASE_URL", "str"),
-    ("openai_model", "OPENAI_MODEL", "str"),
-    ("openai_realtime_model", "OPENAI_REALTIME_MODEL", "str"),
-    ("llm_deadline", "LLM_DEADLINE_SECONDS", "float"),
-    ("llm_attempt_timeout", "LLM_ATTEMPT_TIMEOUT_SECONDS", "float"),
-    ("llm_max_tokens", "LLM_MAX_TOKENS", "int"),
-    ("redis_url", "REDIS_URL", "str"),
-    ("history_max_messages", "HISTORY_MAX_MESSAGES", "int"),
-    ("call_ttl", "CALL_TTL_SECONDS", "int"),
-    ("transcript_retention", "TRANSCRIPT_RETENTION_SECONDS", "int"),
-    ("confidence_threshold", "CONFIDENCE_THRESHOLD", "float"),
-    ("reprompt_limit", "REPROMPT_LIMIT", "int"),
-    ("max_reply_chars", "MAX_REPLY_CHARS", "int"),
-    ("voice", "TTS_VOICE", "str"),
-    ("language", "SPEECH_LANGUAGE", "str"),
-    ("speech_model", "SPEECH_MODEL", "str"),
-    ("speech_timeout", "SPEECH_TIMEOUT", "str"),
-    ("speech_hints", "SPEECH_HINTS", "str"),
-    ("streaming_enabled", "STREAMING_ENABLED", "bool"),
-    ("stream_connect_timeout", "STREAM_CONNECT_TIMEOUT_SECONDS", "float"),
-    ("realtime_voice", "REALTIME_VOICE", "str"),
-    ("realtime_turn_detection", "REALTIME_TURN_DETECTION", "str"),
-    ("realtime_transcription_model", "REALTIME_TRANSCRIPTION_MODEL", "str"),
-    ("stream_breaker_threshold", "STREAM_BREAKER_THRESHOLD", "int"),
-    ("stream_breaker_cooldown", "STREAM_BREAKER_COOLDOWN_SECONDS", "int"),
-    ("stream_ping_interval", "STREAM_PING_SECONDS", "float"),
-    ("stream_idle_seconds", "STREAM_IDLE_SECONDS", "float"),
-    ("tools_modules", "TOOLS_MODULES", "str"),
-    ("tool_timeout", "TOOL_TIMEOUT_SECONDS", "float"),
-    ("transfer_number", "TRANSFER_NUMBER", "str"),
-    ("transfer_caller_id", "TRANSFER_CALLER_ID", "str"),
-    ("dtmf_transfer_key", "DTMF_TRANSFER_KEY", "str"),
-    ("dtmf_repeat_key", "DTMF_REPEAT_KEY", "str"),
-    ("max_call_seconds", "MAX_CALL_SECONDS", "int"),
-    ("max_turns", "MAX_TURNS", "int"),
-    ("end_of_call_webhook_url", "END_OF_CALL_WEBHOOK_URL", "str"),
-    ("end_of_call_webhook_secret", "END_OF_CALL_WEBHOOK_SECRET", "str"),
-    ("end_of_call_retry_seconds", "END_OF_CALL_RETRY_SECONDS", "float"),
-    ("prompts_dir", "PROMPTS_DIR", "path"),
-]
+# Every setting, by its environment variable, in the order they are documented.
+_FIELDS = {f.metadata["env"]: f for f in fields(Settings)}
+ENV_NAMES = list(_FIELDS)
 
-ENV_NAMES = [env for _, env, _ in _SPEC]
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -158,7 +119,7 @@ def _parse(kind: str, env: str, raw: object, problems: list[str]) -> object:
             return int(raw)
         if kind == "float":
             return float(raw)
-        if kind == "path":
+        if kind == "Path":
             return Path(raw)
         return raw
     except ValueError:
@@ -175,11 +136,11 @@ def load_settings(
     source.update(overrides or {})
     problems: list[str] = []
     values: dict[str, object] = {}
-    for attr, env, kind in _SPEC:
-        if env in source and source[env] is not None:
-            parsed = _parse(kind, env, source[env], problems)
+    for name, setting in _FIELDS.items():
+        if source.get(name) is not None:
+            parsed = _parse(setting.type, name, source[name], problems)
             if parsed is not None:
-                values[attr] = parsed
+                values[setting.name] = parsed
     settings = Settings(**values)
     problems += _check(settings)
     if problems:
