@@ -52,6 +52,12 @@ class CallStore:
         for key in self._keys(sid):
             pipe.expire(key, seconds)
 
+    def _push(self, pipe, sid: str, *entries: str) -> None:
+        """Queue transcript entries on `pipe`, keeping the list under its hard cap."""
+        transcript = self._key(sid, "transcript")
+        pipe.rpush(transcript, *entries)
+        pipe.ltrim(transcript, -TRANSCRIPT_HARD_CAP, -1)
+
     # -- call lifecycle -------------------------------------------------------
 
     def start(self, sid: str, *, caller: str = "", callee: str = "", mode: str = "gather") -> bool:
@@ -104,8 +110,7 @@ class CallStore:
         """
         transcript, meta = self._key(sid, "transcript"), self._key(sid, "meta")
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(transcript, _entry("user", words, mode))
-            pipe.ltrim(transcript, -TRANSCRIPT_HARD_CAP, -1)
+            self._push(pipe, sid, _entry("user", words, mode))
             pipe.hset(meta, "reprompts", 0)
             pipe.hincrby(meta, "turns", 1)
             pipe.lrange(transcript, -self.history_max, -1)
@@ -134,10 +139,8 @@ class CallStore:
         return ""
 
     def append(self, sid: str, role: str, content: str, mode: str, **extra) -> None:
-        transcript = self._key(sid, "transcript")
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(transcript, _entry(role, content, mode, **extra))
-            pipe.ltrim(transcript, -TRANSCRIPT_HARD_CAP, -1)
+            self._push(pipe, sid, _entry(role, content, mode, **extra))
             self._expire_all(pipe, sid, self.ttl)
             pipe.execute()
 
@@ -193,8 +196,7 @@ class CallStore:
                     )
                     for m in messages
                 ]
-                pipe.rpush(self._key(sid, "transcript"), *entries)
-                pipe.ltrim(self._key(sid, "transcript"), -TRANSCRIPT_HARD_CAP, -1)
+                self._push(pipe, sid, *entries)
             if result.get("end_reason"):
                 pipe.hset(self._key(sid, "meta"), "end_reason", result["end_reason"])
             if turn:
@@ -210,33 +212,35 @@ def _entry(role: str, content: str, mode: str, **extra) -> str:
 
 
 def _messages(raw_entries) -> list[dict]:
-    """Transcript entries as chat messages: words, tool calls and tool results."""
-    messages = []
+    """Transcript entries as chat messages: words, tool calls and tool results.
+
+    A tool result is kept only after the assistant message that asked for
+    it: the API refuses any other order, which a window cut mid-exchange or a
+    streaming call's tool entries (no chat-format call) would otherwise give.
+    """
+    messages: list[dict] = []
+    asked: set[str] = set()  # tool call ids of the latest assistant message
     for raw in raw_entries:
         entry = json.loads(raw)
         role = entry.get("role")
-        if role == "user" or (role == "assistant" and "tool_calls" not in entry):
-            messages.append({"role": role, "content": entry["content"]})
-        elif role == "assistant":
-            messages.append(
-                {
-                    "role": "assistant",
-                    "content": entry["content"] or None,
-                    "tool_calls": entry["tool_calls"],
-                }
-            )
-        elif role == "tool":
-            messages.append(
-                {
-                    "role": "tool",
-                    "tool_call_id": entry.get("tool_call_id", ""),
-                    "content": entry["content"],
-                }
-            )
-    # A window cut in the middle of a tool exchange would be refused by the
-    # API (a tool result must follow the call that asked for it).
-    while messages and messages[0]["role"] == "tool":
-        messages.pop(0)
+        if role == "tool":
+            if entry.get("tool_call_id") in asked:
+                messages.append(
+                    {
+                        "role": "tool",
+                        "tool_call_id": entry["tool_call_id"],
+                        "content": entry["content"],
+                    }
+                )
+            continue
+        if role not in ("user", "assistant"):
+            continue
+        message = {"role": role, "content": entry["content"]}
+        calls = entry.get("tool_calls") if role == "assistant" else None
+        if calls:
+            message = {"role": role, "content": entry["content"] or None, "tool_calls": calls}
+        asked = {c.get("id") for c in calls} if calls else set()
+        messages.append(message)
     return messages
 
 

@@ -165,3 +165,22 @@ def test_rediss_with_a_self_signed_certificate_works(config, tls_redis_url, fake
     call.start()
     assert spoken(call.say("over TLS")) == ["You said: over TLS"]
     assert app.extensions["ivr"].store.transcript(call.sid)[-2]["content"] == "over TLS"
+
+
+def test_tool_results_without_their_call_stay_out_of_the_history(store):
+    # A streaming call records a tool result with no chat-format call before it;
+    # Chat Completions refuses a history with an orphan tool message.
+    store.record_caller("CA1", "transfer me")
+    store.append("CA1", "tool", '{"status": "ok"}', "stream", name="x", call_id="c1")
+    store.record_agent("CA1", "Done.")
+    assert [m["role"] for m in store.history("CA1")] == ["user", "assistant"]
+
+
+def test_a_tool_exchange_is_kept_whole(store):
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    store.end_turn("CA1", None, {"kind": "answer"}, [
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "{}"},
+        {"role": "assistant", "content": "ok"},
+    ])
+    assert [m["role"] for m in store.history("CA1")] == ["assistant", "tool", "assistant"]
