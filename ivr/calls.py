@@ -22,7 +22,14 @@ log = logging.getLogger(__name__)
 
 # Far above any real call; stops a runaway loop from growing a key without end.
 TRANSCRIPT_HARD_CAP = 2000
-ENDED_STATUSES = {"completed", "failed", "busy", "no-answer", "canceled"}
+# Twilio's final call statuses, and how the call ended when the app did not end it.
+ENDED_STATUSES = {
+    "completed": "caller-hung-up",
+    "failed": "error",
+    "busy": "busy",
+    "no-answer": "no-answer",
+    "canceled": "canceled",
+}
 
 
 @dataclass(frozen=True)

@@ -28,21 +28,12 @@ from tenacity import (
     wait_random,
 )
 
-from .calls import CallStore
+from .calls import ENDED_STATUSES, CallStore
 
 log = logging.getLogger(__name__)
 
 ATTEMPTS = 5
 TIMEOUT = 10.0
-
-# How the call ended, when the app did not end it itself.
-STATUS_REASONS = {
-    "completed": "caller-hung-up",
-    "failed": "error",
-    "busy": "busy",
-    "no-answer": "no-answer",
-    "canceled": "canceled",
-}
 
 
 def build_report(store: CallStore, sid: str, status: str) -> dict:
@@ -63,7 +54,7 @@ def build_report(store: CallStore, sid: str, status: str) -> dict:
         "duration_seconds": round(ended - started, 3) if started else None,
         "modes": modes,
         "status": status,
-        "ended_by": meta.get("end_reason") or STATUS_REASONS.get(status, status),
+        "ended_by": meta.get("end_reason") or ENDED_STATUSES.get(status, status),
         "transcript": [
             {**{k: v for k, v in e.items() if k != "ts"}, "at": _iso(e.get("ts"))}
             for e in transcript

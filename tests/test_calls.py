@@ -178,9 +178,14 @@ def test_tool_results_without_their_call_stay_out_of_the_history(store):
 
 def test_a_tool_exchange_is_kept_whole(store):
     call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
-    store.end_turn("CA1", None, {"kind": "answer"}, [
-        {"role": "assistant", "content": None, "tool_calls": [call]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "{}"},
-        {"role": "assistant", "content": "ok"},
-    ])
+    store.end_turn(
+        "CA1",
+        None,
+        {"kind": "answer"},
+        [
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "{}"},
+            {"role": "assistant", "content": "ok"},
+        ],
+    )
     assert [m["role"] for m in store.history("CA1")] == ["assistant", "tool", "assistant"]
