@@ -31,17 +31,12 @@ class CallControl:
         tools: ToolRegistry,
         store: CallStore,
         twilio_rest,
-        fallback_lines: dict[str, str],
     ):
         self.settings = settings
         self.prompts = prompts
         self.tools = tools
         self.store = store
         self.twilio_rest = twilio_rest
-        self.fallback_lines = fallback_lines
-
-    def line(self, name: str) -> str:
-        return self.prompts.say(name, self.fallback_lines[name])
 
     def realtime_tools(self) -> list[dict]:
         return self.tools.realtime_tools(self.settings)
@@ -63,12 +58,14 @@ class CallControl:
     # -- moving the live call ----------------------------------------------------------
 
     def transfer(self, call_sid: str) -> None:
-        doc = twiml.transfer(self.line("transfer"), self.settings.transfer_number, self.settings)
+        doc = twiml.transfer(
+            self.prompts.line("transfer"), self.settings.transfer_number, self.settings
+        )
         self._update(call_sid, str(doc), "transferred")
 
     def hang_up(self, call_sid: str, reason: str, line: str | None = None) -> None:
         """End the call; with `line`, Twilio says it first (limits, repeated silence)."""
-        doc = twiml.goodbye(self.line(line), self.settings) if line else twiml.hangup()
+        doc = twiml.goodbye(self.prompts.line(line), self.settings) if line else twiml.hangup()
         self._update(call_sid, str(doc), reason)
 
     def _update(self, call_sid: str, doc: str, reason: str) -> None:
@@ -165,7 +162,7 @@ class StreamControl:
             self._transfer()
         elif digit == settings.dtmf_repeat_key:
             last = self.control.last_agent_line(relay.call_sid)
-            relay.say(last or self.control.line("reprompt"))
+            relay.say(last or self.control.prompts.line("reprompt"))
 
     def on_function_call(self, call_id: str, name: str, arguments: str) -> None:
         # Tools may be slow: run them off the model's loop so audio keeps flowing.
@@ -187,7 +184,7 @@ class StreamControl:
             # The model says the goodbye in its own voice; the call ends once
             # the caller has heard it (on_response_done / on_played).
             self.ending_since = self.clock()
-            relay.say(self.control.line("farewell"))
+            relay.say(self.control.prompts.line("farewell"))
         else:
             relay.send_tool_output(call_id, output)
 
@@ -224,4 +221,4 @@ class StreamControl:
                 if self.silences > settings.reprompt_limit:
                     self._finish("silence", "goodbye")
                 else:
-                    self.relay.say(self.control.line("reprompt"))
+                    self.relay.say(self.control.prompts.line("reprompt"))

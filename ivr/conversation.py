@@ -28,19 +28,6 @@ from .tools import ToolCall, ToolRegistry
 
 log = logging.getLogger(__name__)
 
-# Built-in lines for when even the prompt files cannot be read.
-FALLBACK_LINES = {
-    "greeting": "Hello, how can I help you?",
-    "reprompt": "Sorry, I didn't catch that. Could you say it again?",
-    "goodbye": "Goodbye.",
-    "error": "Sorry, I couldn't answer that just now. Could you say it again?",
-    "apology": "Sorry, something went wrong. Let's try again.",
-    "stream_fallback": "Sorry, the line cut out for a moment. What were you saying?",
-    "farewell": "Thanks for calling. Goodbye!",
-    "transfer": "Please hold while I put you through.",
-    "time_limit": "We've reached the time limit for this call. Goodbye!",
-    "turn_limit": "We've reached the limit for this call. Goodbye!",
-}
 
 # How often a repeated delivery looks for the first delivery's stored answer.
 REPLAY_POLL_SECONDS = 0.1
@@ -73,9 +60,6 @@ class Conversation:
         self.tools = tools
         self.reports = reports  # a report.ReportSender, when END_OF_CALL_WEBHOOK_URL is set
 
-    def line(self, name: str) -> str:
-        return self.prompts.say(name, FALLBACK_LINES[name])
-
     # -- entry points -------------------------------------------------------------
 
     def begin_call(self, sid: str, caller: str, callee: str, mode: str) -> bool:
@@ -84,7 +68,7 @@ class Conversation:
         return bool(self._safely(sid, "start", start))
 
     def greet(self, sid: str, caller: str = "", callee: str = "") -> dict:
-        greeting = self.line("greeting")
+        greeting = self.prompts.line("greeting")
         if self.begin_call(sid, caller, callee, mode="gather"):
             self._safely(sid, "record greeting", lambda: self.store.record_agent(sid, greeting))
         return {"kind": "answer", "text": greeting, "next": 1}
@@ -92,7 +76,7 @@ class Conversation:
     def resume_after_stream(self, sid: str) -> dict:
         """The stream ended under a live call: carry on in Gather mode, history intact."""
         turn = self._safely(sid, "resume", lambda: self.store.resume_in_gather(sid))
-        text = self.line("stream_fallback")
+        text = self.prompts.line("stream_fallback")
         self._safely(
             sid,
             "record fallback",
@@ -161,7 +145,7 @@ class Conversation:
         if limit:
             return {
                 "kind": "end",
-                "text": self.line(limit),
+                "text": self.prompts.line(limit),
                 "next": None,
                 "end_reason": "limit-reached",
             }, []
@@ -172,12 +156,12 @@ class Conversation:
             )
         except LLMUnavailable as exc:
             log.warning("call %s turn %s: no LLM answer (%s)", sid, turn, exc)
-            return {"kind": "error", "text": self.line("error"), "next": next_turn}, []
+            return {"kind": "error", "text": self.prompts.line("error"), "next": next_turn}, []
         if reply.action:
             return self._act(reply.action), reply.messages
         text = make_speakable(reply.text, settings.max_reply_chars)
         if not text:
-            return {"kind": "error", "text": self.line("error"), "next": next_turn}, []
+            return {"kind": "error", "text": self.prompts.line("error"), "next": next_turn}, []
         # What is recorded is what the caller heard.
         messages = reply.messages[:-1] + [{"role": "assistant", "content": text}]
         return {"kind": "answer", "text": text, "next": next_turn}, messages
@@ -187,14 +171,14 @@ class Conversation:
         if action["type"] == "transfer":
             return {
                 "kind": "transfer",
-                "text": self.line("transfer"),
+                "text": self.prompts.line("transfer"),
                 "next": None,
                 "number": action["number"],
                 "end_reason": "transferred",
             }
         return {
             "kind": "end",
-            "text": self.line("farewell"),
+            "text": self.prompts.line("farewell"),
             "next": None,
             "end_reason": "ended-by-agent",
         }
@@ -206,7 +190,11 @@ class Conversation:
             return self._act({"type": "transfer", "number": settings.transfer_number})
         if digits == settings.dtmf_repeat_key:
             last = self._safely(sid, "repeat", lambda: self.store.last_agent_line(sid), "")
-            return {"kind": "answer", "text": last or self.line("reprompt"), "next": next_turn}
+            return {
+                "kind": "answer",
+                "text": last or self.prompts.line("reprompt"),
+                "next": next_turn,
+            }
         return None
 
     def _limit_reached(self, record: TurnRecord | None) -> str | None:
@@ -232,8 +220,8 @@ class Conversation:
             )
         streak = self._safely(sid, "count reprompt", lambda: self.store.count_reprompt(sid), 1)
         if streak > self.settings.reprompt_limit:
-            return {"kind": "goodbye", "text": self.line("goodbye"), "next": None}
-        return {"kind": "reprompt", "text": self.line("reprompt"), "next": next_turn}
+            return {"kind": "goodbye", "text": self.prompts.line("goodbye"), "next": None}
+        return {"kind": "reprompt", "text": self.prompts.line("reprompt"), "next": next_turn}
 
     def _await_first_delivery(self, sid: str, turn: int, deadline: float) -> dict:
         """A retry arrived while the first delivery is still being answered."""
@@ -242,7 +230,7 @@ class Conversation:
             stored = self._safely(sid, "replay", lambda: self.store.stored_result(sid, turn))
             if stored:
                 return stored
-        return {"kind": "error", "text": self.line("error"), "next": turn + 1}
+        return {"kind": "error", "text": self.prompts.line("error"), "next": turn + 1}
 
     def _safely(self, sid: str, what: str, action: Callable, default=None):
         try:

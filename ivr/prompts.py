@@ -28,6 +28,22 @@ REQUIRED = {
 }
 
 
+# Built-in lines for when even the prompt files cannot be read.
+BUILT_IN_LINES = {
+    "system": "You are a helpful phone assistant. Answer briefly, in plain spoken words.",
+    "greeting": "Hello, how can I help you?",
+    "reprompt": "Sorry, I didn't catch that. Could you say it again?",
+    "goodbye": "Goodbye.",
+    "error": "Sorry, I couldn't answer that just now. Could you say it again?",
+    "apology": "Sorry, something went wrong. Let's try again.",
+    "stream_fallback": "Sorry, the line cut out for a moment. What were you saying?",
+    "farewell": "Thanks for calling. Goodbye!",
+    "transfer": "Please hold while I put you through.",
+    "time_limit": "We've reached the time limit for this call. Goodbye!",
+    "turn_limit": "We've reached the limit for this call. Goodbye!",
+}
+
+
 class PromptError(Exception):
     pass
 
@@ -67,6 +83,10 @@ class Prompts:
         if cached:
             log.info("prompt %s reloaded from disk", name)
         return text
+
+    def line(self, name: str) -> str:
+        """A required prompt, or its built-in line when the file cannot be read."""
+        return self.say(name, BUILT_IN_LINES[name])
 
     def say(self, name: str, fallback: str) -> str:
         """A line to speak; never raises, because a caller must always hear something."""

@@ -20,7 +20,7 @@ from .breaker import StreamBreaker
 from .calls import CallStore
 from .config import Settings
 from .control import CallControl
-from .conversation import FALLBACK_LINES, Conversation
+from .conversation import Conversation
 from .llm import Responder
 from .prompts import Prompts
 from .report import ReportSender
@@ -116,7 +116,6 @@ def build_services(settings: Settings, prompts: Prompts) -> Services:
         tools=tool_registry,
         store=store,
         twilio_rest=twilio_rest,
-        fallback_lines=FALLBACK_LINES,
     )
     return Services(
         settings=settings,

@@ -95,8 +95,8 @@ def _end_tcp(ws) -> None:
 def relay_config(services: Services) -> RelayConfig:
     settings, prompts = services.settings, services.prompts
     return RelayConfig(
-        instructions=prompts.say("system", "You are a helpful phone assistant."),
-        greeting=prompts.say("greeting", "Hello, how can I help you?"),
+        instructions=prompts.line("system"),
+        greeting=prompts.line("greeting"),
         voice=settings.realtime_voice,
         turn_detection=settings.realtime_turn_detection,
         transcription_model=settings.realtime_transcription_model,

@@ -34,7 +34,7 @@ def twilio_webhook(view):
         except Exception:
             log.exception("call %s: unexpected error in %s", sid, request.path)
             services = get_services()
-            apology = services.conversation.line("apology")
+            apology = services.prompts.line("apology")
             return twiml.render(twiml.gather_turn(apology, None, services.settings))
 
     return wrapper
@@ -94,7 +94,7 @@ def process_speech(sid: str):
 def voice_fallback(sid: str):
     """The number's fallback URL: Twilio calls it when a webhook failed or timed out."""
     services = get_services()
-    doc = twiml.gather_turn(services.conversation.line("apology"), None, services.settings)
+    doc = twiml.gather_turn(services.prompts.line("apology"), None, services.settings)
     return twiml.render(doc)
 
 

@@ -32,3 +32,10 @@ def test_the_shipped_prompts_are_complete():
     from ivr.prompts import REQUIRED
 
     assert Prompts(DEFAULT_PROMPTS_DIR).missing(REQUIRED) == []
+
+
+def test_every_prompt_has_a_built_in_line_for_when_its_file_is_unreadable(tmp_path):
+    from ivr.prompts import BUILT_IN_LINES, REQUIRED
+
+    assert set(BUILT_IN_LINES) == set(REQUIRED)
+    assert Prompts(tmp_path).line("farewell") == BUILT_IN_LINES["farewell"]
