@@ -10,8 +10,13 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from twilio.base.exceptions import TwilioException
+
 from .config import ConfigError, Settings, load_settings
+from .llm import LLMUnavailable
 from .prompts import REQUIRED, Prompts
+from .services import Services, build_services
+from .streaming import open_realtime
 
 
 @dataclass
@@ -26,14 +31,19 @@ def run_checks(environ: Mapping[str, str] | None = None) -> list[Check]:
         settings = load_settings(environ)
     except ConfigError as exc:
         return [Check("configuration", False, " ".join(exc.problems))]
-    results = [Check("configuration", True, _mode(settings))]
-    results.append(_prompts(settings))
-    results.append(_redis(settings))
-    results.append(_llm(settings))
-    if settings.twilio_account_sid:
-        results.append(_twilio(settings))
+    prompts = Prompts(settings.prompts_dir)
+    # The clients the app itself would use, so the check tests the real thing.
+    services = build_services(settings, prompts)
+    results = [
+        Check("configuration", True, _mode(settings)),
+        _prompts(settings, prompts),
+        _redis(services),
+        _llm(services),
+    ]
+    if services.call_control.twilio_rest is not None:
+        results.append(_twilio(services))
     if settings.streaming_enabled:
-        results.append(_realtime(settings))
+        results.append(_realtime(services))
     return results
 
 
@@ -47,8 +57,8 @@ def _mode(settings: Settings) -> str:
     return f"{mode}, {signed}"
 
 
-def _prompts(settings: Settings) -> Check:
-    missing = Prompts(settings.prompts_dir).missing(REQUIRED)
+def _prompts(settings: Settings, prompts: Prompts) -> Check:
+    missing = prompts.missing(REQUIRED)
     if missing:
         files = ", ".join(f"{name}.txt" for name in missing)
         return Check(
@@ -59,15 +69,13 @@ def _prompts(settings: Settings) -> Check:
     return Check("prompts", True, f"{len(REQUIRED)} files in {settings.prompts_dir}")
 
 
-def _redis(settings: Settings) -> Check:
-    if not settings.redis_url:
+def _redis(services: Services) -> Check:
+    if not services.settings.redis_url:
         return Check(
             "redis", True, "REDIS_URL not set: in-process store, fine for one local process only"
         )
-    from .services import build_redis
-
     try:
-        build_redis(settings).ping()
+        services.redis.ping()
     except Exception as exc:  # any failure is the answer to "can we reach Redis?"
         return Check(
             "redis",
@@ -78,44 +86,27 @@ def _redis(settings: Settings) -> Check:
     return Check("redis", True, "reachable")
 
 
-def _llm(settings: Settings) -> Check:
-    import openai
-
-    from .llm import LLMUnavailable, Responder
-
-    client = openai.OpenAI(
-        api_key=settings.openai_api_key, base_url=settings.openai_base_url or None, max_retries=0
-    )
-    responder = Responder(client, model=settings.openai_model, attempt_timeout=10.0, max_tokens=16)
+def _llm(services: Services) -> Check:
+    model = services.settings.openai_model
     started = time.monotonic()
     try:
-        responder.reply(
+        services.responder.reply(
             "Answer with the single word OK.", [{"role": "user", "content": "Ping"}], started + 10.0
         )
     except LLMUnavailable as exc:
         return Check(
             "language model",
             False,
-            f"{settings.openai_model} did not answer ({exc}); check OPENAI_API_KEY, "
+            f"{model} did not answer ({exc}); check OPENAI_API_KEY, "
             "OPENAI_MODEL and OPENAI_BASE_URL.",
         )
-    return Check(
-        "language model",
-        True,
-        f"{settings.openai_model} answered in {time.monotonic() - started:.1f} s",
-    )
+    return Check("language model", True, f"{model} answered in {time.monotonic() - started:.1f} s")
 
 
-def _twilio(settings: Settings) -> Check:
-    from twilio.base.exceptions import TwilioException
-    from twilio.rest import Client
-
+def _twilio(services: Services) -> Check:
+    sid = services.settings.twilio_account_sid
     try:
-        account = (
-            Client(settings.twilio_account_sid, settings.twilio_auth_token)
-            .api.v2010.accounts(settings.twilio_account_sid)
-            .fetch()
-        )
+        account = services.call_control.twilio_rest.api.v2010.accounts(sid).fetch()
     except TwilioException as exc:
         return Check(
             "twilio",
@@ -126,23 +117,15 @@ def _twilio(settings: Settings) -> Check:
     return Check("twilio", True, f"account {account.friendly_name or account.sid}")
 
 
-def _realtime(settings: Settings) -> Check:
-    import openai
-
-    client = openai.OpenAI(
-        api_key=settings.openai_api_key, base_url=settings.openai_base_url or None, max_retries=0
-    )
+def _realtime(services: Services) -> Check:
+    model = services.settings.openai_realtime_model
     try:
-        connection = client.realtime.connect(
-            model=settings.openai_realtime_model,
-            websocket_connection_options={"open_timeout": settings.stream_connect_timeout},
-        ).__enter__()
-        connection.close()
+        open_realtime(services).close()
     except Exception as exc:  # refused, timed out, unauthorised: all mean "not ready"
         return Check(
             "realtime model",
             False,
-            f"{settings.openai_realtime_model} could not be reached ({exc}); check "
+            f"{model} could not be reached ({exc}); check "
             "OPENAI_REALTIME_MODEL, or set STREAMING_ENABLED=false.",
         )
-    return Check("realtime model", True, f"{settings.openai_realtime_model} reachable")
+    return Check("realtime model", True, f"{model} reachable")

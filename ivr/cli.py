@@ -169,15 +169,13 @@ def _configure_number(args) -> int:
 
 
 def _transcript(args) -> int:
-    import redis
-
     from .calls import CallStore
+    from .services import build_redis
 
     url = os.environ.get("REDIS_URL")
     if not url:
         return _fail("REDIS_URL is not set: transcripts are kept in the app's Redis.")
-    options = {"ssl_cert_reqs": None} if url.startswith("rediss://") else {}
-    store = CallStore(redis.Redis.from_url(url, **options), history_max=1, ttl=60, retention=60)
+    store = CallStore(build_redis(url), history_max=1, ttl=60, retention=60)
     meta, entries = store.meta(args.call_sid), store.transcript(args.call_sid)
     if not meta and not entries:
         return _fail(f"no call {args.call_sid} (unknown, or past its retention period).")

@@ -47,8 +47,9 @@ def get_services() -> Services:
     return current_app.extensions["ivr"]
 
 
-def build_redis(settings: Settings) -> redis.Redis:
-    if not settings.redis_url:
+def build_redis(url: str) -> redis.Redis:
+    """The app's Redis client for REDIS_URL; an in-process store when it is empty."""
+    if not url:
         import fakeredis  # only needed for single-process local use
 
         log.warning(
@@ -63,16 +64,16 @@ def build_redis(settings: Settings) -> redis.Redis:
         "retry": Retry(ExponentialBackoff(cap=0.1, base=0.02), 1),
         "health_check_interval": 30,
     }
-    if settings.redis_url.startswith("rediss://"):
+    if url.startswith("rediss://"):
         # Heroku Redis presents a self-signed certificate; the connection is
         # still encrypted, but the certificate cannot be verified.
         options["ssl_cert_reqs"] = None
-    return redis.Redis.from_url(settings.redis_url, **options)
+    return redis.Redis.from_url(url, **options)
 
 
 def build_services(settings: Settings, prompts: Prompts) -> Services:
     load_modules(settings.tools_modules)
-    redis_client = build_redis(settings)
+    redis_client = build_redis(settings.redis_url)
     openai_client = openai.OpenAI(
         api_key=settings.openai_api_key,
         base_url=settings.openai_base_url or None,
