@@ -10,6 +10,8 @@ import pytest
 
 from ivr.relay import Relay, RelayConfig, _Playback
 
+from .waiting import wait_for
+
 STREAM = "MZ" + "1" * 32
 
 
@@ -109,22 +111,13 @@ def rig():
     thread.join(timeout=5)
 
 
-def settle(condition, timeout=2.0):
-    done = threading.Event()
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return True
-        done.wait(0.01)
-    return False
-
-
 def test_barge_in_sends_clear_before_truncate_before_cancel(rig):
-    assert settle(lambda: rig.relay._reader is not None)
+    assert wait_for(lambda: rig.relay._reader is not None)
     rig.model.push({"type": "response.created", "response": {"id": "r1"}})
     rig.model.push({"type": "response.output_audio.delta", "item_id": "i1", "delta": "//79"})
-    assert settle(lambda: "twilio:mark" in rig.recorder.kinds())
+    assert wait_for(lambda: "twilio:mark" in rig.recorder.kinds())
     rig.model.push({"type": "input_audio_buffer.speech_started", "item_id": "u1"})
-    assert settle(lambda: "model:response.cancel" in rig.recorder.kinds())
+    assert wait_for(lambda: "model:response.cancel" in rig.recorder.kinds())
     tail = [
         k
         for k in rig.recorder.kinds()
@@ -136,17 +129,17 @@ def test_barge_in_sends_clear_before_truncate_before_cancel(rig):
 
 
 def test_speech_while_the_agent_is_silent_changes_nothing(rig):
-    assert settle(lambda: rig.relay._reader is not None)
+    assert wait_for(lambda: rig.relay._reader is not None)
     rig.model.push({"type": "input_audio_buffer.speech_started", "item_id": "u1"})
     rig.model.push({"type": "response.created", "response": {"id": "r1"}})
-    assert settle(lambda: rig.relay._response_active)
+    assert wait_for(lambda: rig.relay._response_active)
     assert "twilio:clear" not in rig.recorder.kinds()
 
 
 def test_media_and_marks_carry_the_stream_sid(rig):
-    assert settle(lambda: rig.relay._reader is not None)
+    assert wait_for(lambda: rig.relay._reader is not None)
     rig.model.push({"type": "response.output_audio.delta", "item_id": "i1", "delta": "//79"})
-    assert settle(lambda: "twilio:mark" in rig.recorder.kinds())
+    assert wait_for(lambda: "twilio:mark" in rig.recorder.kinds())
     sent = [m for side, m in rig.recorder.log if side == "twilio"]
     assert sent[0] == {"event": "media", "streamSid": STREAM, "media": {"payload": "//79"}}
     assert sent[1]["event"] == "mark" and sent[1]["streamSid"] == STREAM
@@ -170,7 +163,7 @@ def test_audio_that_arrives_before_the_model_is_kept_and_sent_in_order():
     for payload in ("AAAA", "BBBB", "CCCC"):
         twilio.push({"event": "media", "streamSid": STREAM, "media": {"payload": payload}})
     gate.set()
-    assert settle(
+    assert wait_for(
         lambda: len([k for k in recorder.kinds() if k == "model:input_audio_buffer.append"]) == 3
     )
     appended = [
@@ -183,7 +176,7 @@ def test_audio_that_arrives_before_the_model_is_kept_and_sent_in_order():
 
 
 def test_stop_closes_the_model(rig):
-    assert settle(lambda: rig.relay._reader is not None)
+    assert wait_for(lambda: rig.relay._reader is not None)
     rig.twilio.push({"event": "stop", "streamSid": STREAM})
     rig.thread.join(timeout=5)
     assert rig.model.closed.is_set()
@@ -191,7 +184,7 @@ def test_stop_closes_the_model(rig):
 
 
 def test_a_lost_model_closes_twilio_and_reports_the_failure(rig):
-    assert settle(lambda: rig.relay._reader is not None)
+    assert wait_for(lambda: rig.relay._reader is not None)
     rig.model.inbox.put(None)  # the model's socket drops
     rig.thread.join(timeout=5)
     assert rig.twilio.closed.is_set()
@@ -225,7 +218,7 @@ def test_a_stream_without_start_is_closed_and_the_model_with_it():
     thread = threading.Thread(target=relay.run, daemon=True)
     thread.start()
     twilio.push({"event": "connected"})
-    assert settle(lambda: relay.model is not None)
+    assert wait_for(lambda: relay.model is not None)
     clock[0] = 10.0  # well past the budget and the grace period
     thread.join(timeout=5)
     assert relay.outcome == "no-start"
@@ -233,7 +226,7 @@ def test_a_stream_without_start_is_closed_and_the_model_with_it():
 
 
 def test_a_model_socket_that_fails_on_send_is_a_lost_model(rig):
-    assert settle(lambda: rig.relay._reader is not None)
+    assert wait_for(lambda: rig.relay._reader is not None)
 
     def broken(raw):
         raise ConnectionError("socket closed")

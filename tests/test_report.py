@@ -12,8 +12,8 @@ import responses
 from ivr import create_app
 
 from .fakes.openai_server import CallTool
-from .test_streaming import wait_for
 from .twilio_sim import TwilioCall, signed_post
+from .waiting import wait_for
 
 HOOK = "https://hooks.example.com/ivr/calls"
 SECRET = "report-secret"

@@ -102,7 +102,7 @@ def test_forged_requests_are_refused_by_the_server(dynos):
 def test_a_streaming_call_through_gunicorn(stream_config, fake_openai, tmp_path):
     """The media-stream WebSocket under the Procfile's server (gevent workers)."""
     from .fakes.twilio_media import TwilioMediaClient
-    from .test_streaming import wait_for
+    from .waiting import wait_for
 
     env = {k: v for k, v in os.environ.items() if k not in stream_config}
     env.update(stream_config)

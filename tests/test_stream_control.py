@@ -14,8 +14,9 @@ import responses
 from ivr import create_app
 
 from .conftest import LiveServer
-from .test_streaming import open_stream, wait_for
+from .test_streaming import open_stream
 from .twilio_sim import ACCOUNT_SID, new_sid
+from .waiting import wait_for
 
 CALLS_URL = re.compile(
     rf"https://api\.twilio\.com/2010-04-01/Accounts/{ACCOUNT_SID}/Calls/"

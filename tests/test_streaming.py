@@ -11,15 +11,7 @@ from ivr import create_app
 from .conftest import LiveServer
 from .fakes.twilio_media import TwilioMediaClient
 from .twilio_sim import AUTH_TOKEN, TwilioCall, new_sid, spoken
-
-
-def wait_for(predicate, timeout=5.0, tick=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(tick)
-    return False
+from .waiting import wait_for
 
 
 def open_stream(live, sid=None, **kwargs) -> TwilioMediaClient:
