@@ -1,7 +1,7 @@
 """The media-stream relay: Twilio Media Streams <-> a realtime speech model.
 
-`Relay` is a plain class. It takes a Twilio socket (`send(str)`,
-`receive(timeout) -> str | None`, `close()`) and a function that opens the
+`Relay` is a plain class. It takes a Twilio socket (`send(*messages)`, which
+writes them together, `receive(timeout) -> str | None`, `close()`) and a function that opens the
 model connection (`send_raw(str)`, `recv_bytes() -> bytes`, `close()`), so
 tests drive it with fakes as well as with real sockets.
 
@@ -331,18 +331,10 @@ class Relay:
         name = f"m{self._mark_seq}"
         playback.pending.append((name, playback.sent_bytes, item_id))
         sid = self.stream_sid
-        self._send_twilio(
+        self.twilio.send(
             '{"event":"media","streamSid":"' + sid + '","media":{"payload":"' + delta + '"}}',
             '{"event":"mark","streamSid":"' + sid + '","mark":{"name":"' + name + '"}}',
         )
-
-    def _send_twilio(self, *messages: str) -> None:
-        send_many = getattr(self.twilio, "send_many", None)
-        if send_many:
-            send_many(*messages)
-        else:
-            for message in messages:
-                self.twilio.send(message)
 
     def _on_speech_started(self, event: dict) -> None:
         """Barge-in: the caller talks over the agent. Stop the audio first, then the model."""

@@ -17,6 +17,7 @@ not there, so a library upgrade costs speed, never correctness.
 
 from __future__ import annotations
 
+import socket
 import threading
 
 from simple_websocket import ConnectionClosed
@@ -55,8 +56,8 @@ class ReadInCaller:
 class TwilioSocket:
     """flask-sock's socket (simple-websocket), as the relay uses it.
 
-    `send_many` writes several messages in one write (each audio delta goes
-    out as a media message and a mark). `close` also wakes a `receive()`
+    `send` writes several messages in one write (each audio delta goes out
+    as a media message and a mark). `close` also wakes a `receive()`
     waiting without a timeout. Keepalive pings, which stop idle platform
     proxies from cutting the stream, come from one sleeping thread per call.
     One lock orders every write and every use of the wsproto state, so the
@@ -81,13 +82,20 @@ class TwilioSocket:
             except Exception:  # the socket is gone; the relay notices on its own
                 return
 
-    def stop_pinging(self) -> None:
+    def end(self) -> None:
+        """After the relay: stop pinging and finish the TCP connection now.
+
+        Twilio moves on to the <Connect action> when the connection ends. Some
+        servers keep the socket open behind their own file objects after the
+        view returns, so it is shut down here explicitly.
+        """
         self._stop.set()
+        try:
+            self.ws.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already gone
 
-    def send(self, data: str) -> None:
-        self.send_many(data)
-
-    def send_many(self, *messages: str) -> None:
+    def send(self, *messages: str) -> None:
         ws = self.ws
         if not ws.connected:
             raise ConnectionClosed(ws.close_reason, ws.close_message)

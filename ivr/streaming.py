@@ -9,7 +9,6 @@ Gather mode while the model is failing.
 from __future__ import annotations
 
 import logging
-import socket
 
 from flask import Blueprint, abort, request
 from flask_sock import Sock
@@ -74,22 +73,8 @@ def media_stream(ws):
     try:
         outcome = relay.run()
     finally:
-        twilio.stop_pinging()
+        twilio.end()
     log.info("call %s: stream ended (%s)", relay.call_sid or "?", outcome)
-    _end_tcp(ws)
-
-
-def _end_tcp(ws) -> None:
-    """Finish the TCP connection now that the WebSocket is closed.
-
-    Twilio moves on to the <Connect action> when the connection ends. Some
-    servers keep the socket open behind their own file objects after the
-    view returns, so the connection is shut down here explicitly.
-    """
-    try:
-        ws.sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass  # already gone
 
 
 def relay_config(services: Services) -> RelayConfig:

@@ -36,8 +36,9 @@ class FakeTwilio:
         self.inbox: queue.Queue = queue.Queue()
         self.closed = threading.Event()
 
-    def send(self, raw: str) -> None:
-        self.recorder.add("twilio", raw)
+    def send(self, *raws: str) -> None:
+        for raw in raws:
+            self.recorder.add("twilio", raw)
 
     def receive(self, timeout=None):
         if self.closed.is_set():
