@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from twilio.base.exceptions import TwilioException
 
@@ -101,12 +102,10 @@ class StreamControl:
     TICK = 0.5
     FAREWELL_GRACE = 15.0  # hang up even if the goodbye's marks never come back
 
-    def __init__(self, control: CallControl, clock=None):
-        import time
-
+    def __init__(self, control: CallControl, clock=time.monotonic):
         self.control = control
         self.settings = control.settings
-        self.clock = clock or time.monotonic
+        self.clock = clock
         self.relay = None
         self.started_at = 0.0
         self.last_activity = 0.0

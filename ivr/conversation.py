@@ -64,8 +64,11 @@ class Conversation:
 
     def begin_call(self, sid: str, caller: str, callee: str, mode: str) -> bool:
         """Record a new call; False for a repeated /voice or when Redis is down."""
-        start = lambda: self.store.start(sid, caller=caller, callee=callee, mode=mode)  # noqa: E731
-        return bool(self._safely(sid, "start", start))
+        return bool(
+            self._safely(
+                sid, "start", lambda: self.store.start(sid, caller=caller, callee=callee, mode=mode)
+            )
+        )
 
     def greet(self, sid: str, caller: str = "", callee: str = "") -> dict:
         greeting = self.prompts.line("greeting")
