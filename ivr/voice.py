@@ -21,7 +21,10 @@ bp = Blueprint("voice", __name__)
 
 
 def twilio_webhook(view):
-    """Signed, needs a CallSid, and answers valid TwiML whatever goes wrong inside."""
+    """Signed, needs a CallSid, and answers valid TwiML whatever goes wrong inside.
+
+    A view returns a turn result (rendered here) or a TwiML document.
+    """
 
     @twilio_signed
     @functools.wraps(view)
@@ -30,14 +33,21 @@ def twilio_webhook(view):
         if not sid:
             abort(400, "CallSid is required")
         try:
-            return view(sid, *args, **kwargs)
+            answer = view(sid, *args, **kwargs)
+            if isinstance(answer, dict):
+                answer = render_result(answer, get_services().settings)
         except Exception:
             log.exception("call %s: unexpected error in %s", sid, request.path)
-            services = get_services()
-            apology = services.prompts.line("apology")
-            return twiml.render(twiml.gather_turn(apology, None, services.settings))
+            answer = _apology()
+        return twiml.render(answer)
 
     return wrapper
+
+
+def _apology():
+    """Sorry, and the call goes on with a new Gather."""
+    services = get_services()
+    return twiml.gather_turn(services.prompts.line("apology"), None, services.settings)
 
 
 def _confidence() -> float | None:
@@ -55,29 +65,24 @@ def _turn() -> int | None:
 @bp.post("/voice")
 @twilio_webhook
 def voice(sid: str):
-    services = get_services()
     caller, callee = request.form.get("From", ""), request.form.get("To", "")
     stream = answer_with_stream(sid, caller, callee)
     if stream is not None:
-        return twiml.render(stream)
-    result = services.conversation.greet(sid, caller, callee)
-    return twiml.render(render_result(result, services.settings))
+        return stream
+    return get_services().conversation.greet(sid, caller, callee)
 
 
 @bp.post(FALLBACK_PATH)
 @twilio_webhook
 def stream_ended(sid: str):
     """<Connect action>: the stream closed under a live call; go on in Gather mode."""
-    services = get_services()
-    result = services.conversation.resume_after_stream(sid)
-    return twiml.render(render_result(result, services.settings))
+    return get_services().conversation.resume_after_stream(sid)
 
 
 @bp.post("/process-speech")
 @twilio_webhook
 def process_speech(sid: str):
     started = time.monotonic()
-    services = get_services()
     form = request.form
     heard = Heard(
         speech=form.get("SpeechResult", "").strip(),
@@ -85,17 +90,14 @@ def process_speech(sid: str):
         digits=form.get("Digits", "").strip(),
         caller=form.get("From", ""),
     )
-    result = services.conversation.take_turn(sid, _turn(), heard, started)
-    return twiml.render(render_result(result, services.settings))
+    return get_services().conversation.take_turn(sid, _turn(), heard, started)
 
 
 @bp.post("/voice-fallback")
 @twilio_webhook
 def voice_fallback(sid: str):
     """The number's fallback URL: Twilio calls it when a webhook failed or timed out."""
-    services = get_services()
-    doc = twiml.gather_turn(services.prompts.line("apology"), None, services.settings)
-    return twiml.render(doc)
+    return _apology()
 
 
 @bp.post("/call-status")
