@@ -32,6 +32,12 @@ ENDED_STATUSES = {
 }
 
 
+def ended_by(meta: dict[str, str]) -> str:
+    """How a call ended: the reason the app recorded, or what Twilio's final status says."""
+    status = meta.get("status", "")
+    return meta.get("end_reason") or ENDED_STATUSES.get(status, status or "unknown")
+
+
 @dataclass(frozen=True)
 class TurnRecord:
     """What recording a caller's words returned: the LLM's view of the call."""

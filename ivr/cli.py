@@ -169,7 +169,7 @@ def _configure_number(args) -> int:
 
 
 def _transcript(args) -> int:
-    from .calls import CallStore
+    from .calls import CallStore, ended_by
     from .services import build_redis
 
     url = os.environ.get("REDIS_URL")
@@ -186,7 +186,7 @@ def _transcript(args) -> int:
         return 0
     print(
         f"call {args.call_sid} from {meta.get('from', '?')} to {meta.get('to', '?')}, "
-        f"status {meta.get('status', '?')}, ended by {meta.get('end_reason', '-')}"
+        f"status {meta.get('status', '?')}, ended by {ended_by(meta)}"
     )
     for entry in entries:
         print(f"[{_clock(entry.get('ts'))}] {_who(entry)}: {entry.get('content', '')}")

@@ -28,7 +28,7 @@ from tenacity import (
     wait_random,
 )
 
-from .calls import ENDED_STATUSES, CallStore
+from .calls import CallStore, ended_by
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def build_report(store: CallStore, sid: str, status: str) -> dict:
         "duration_seconds": round(ended - started, 3) if started else None,
         "modes": modes,
         "status": status,
-        "ended_by": meta.get("end_reason") or ENDED_STATUSES.get(status, status),
+        "ended_by": ended_by({**meta, "status": status}),
         "transcript": [
             {**{k: v for k, v in e.items() if k != "ts"}, "at": _iso(e.get("ts"))}
             for e in transcript

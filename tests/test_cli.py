@@ -253,6 +253,7 @@ def test_transcript_prints_a_call(env, monkeypatch, capsys, client, fake_openai)
     lines = out.splitlines()
     assert lines[0].startswith(f"call {call.sid} from {call.caller}")
     assert "status completed" in lines[0]
+    assert lines[0].endswith("ended by caller-hung-up")
     assert re.match(r"\[\d\d:\d\d:\d\d\] caller: Where is my order\?", lines[2])
     code, out, _ = run(monkeypatch, capsys, ["transcript", call.sid, "--json"])
     data = json.loads(out)
