@@ -2,26 +2,35 @@
 
 A call moves ~50 caller frames and tens of model audio chunks a second, so
 the per-message cost of the WebSocket layers is most of the relay's CPU
-(README, relay benchmark). Two things here earn their place by measurement:
+(README, relay benchmark). What earns its place here, by measurement:
 
-- reading Twilio's socket in the relay's own greenlet instead of in
-  simple-websocket's reader thread (`ReadInCaller`, `TwilioSocket.receive`);
-- writing with one direct system call (`write_all`) instead of gevent's
-  Python-level `sendall`, and framing the model's messages without the
-  websockets library's per-send context manager (`RealtimeSocket.send_raw`):
-  together about -12% of the relay's CPU (1.6% -> 1.4% per stream at 10 streams).
+- Twilio's socket is read in the relay's own greenlet instead of in
+  simple-websocket's reader thread (`ReadInCaller`), and its frames are
+  read and written by `frames` instead of wsproto: 1.5% -> 1.1% of a core
+  per stream at 10 streams;
+- every write is one direct system call (`write_all`) instead of gevent's
+  Python-level `sendall`, and the model's messages are framed without the
+  websockets library's frame objects and per-send context manager.
 
-Both sockets fall back to the libraries' own paths where these internals are
-not there, so a library upgrade costs speed, never correctness.
+The libraries keep the handshakes, and on the model side the pings and the
+closing handshake. The model socket falls back to the SDK's own send where
+the websockets internals it uses are not there, so a library upgrade costs
+speed, never correctness.
 """
 
 from __future__ import annotations
 
+import collections
 import socket
 import threading
 
 from simple_websocket import ConnectionClosed
-from wsproto.events import Ping, TextMessage
+from websockets.protocol import State
+
+from . import frames
+
+RECEIVE_BYTES = 4096
+MAX_MESSAGE = 1 << 20  # Twilio's messages are under 1 KB; a bigger one is refused
 
 
 def write_all(sock, data: bytes) -> None:
@@ -54,18 +63,24 @@ class ReadInCaller:
 
 
 class TwilioSocket:
-    """flask-sock's socket (simple-websocket), as the relay uses it.
+    """Twilio's media-stream socket, after flask-sock's handshake.
 
-    `send` writes several messages in one write (each audio delta goes out
-    as a media message and a mark). `close` also wakes a `receive()`
-    waiting without a timeout. Keepalive pings, which stop idle platform
-    proxies from cutting the stream, come from one sleeping thread per call.
-    One lock orders every write and every use of the wsproto state, so the
-    relay's two loops and the pinger never interleave frames.
+    Frames are read and written here (`frames`), not through wsproto: the
+    handshake refused every extension (`streaming.media_stream`), so a frame
+    is plain RFC 6455. `send` writes several messages in one write (each
+    audio delta goes out as a media message and a mark). Keepalive pings,
+    which stop idle platform proxies from cutting the stream, come from one
+    sleeping thread per call. One lock orders every write, so the relay's
+    two loops and the pinger never interleave frames.
     """
 
-    def __init__(self, ws, ping_every: float = 0.0):
-        self.ws = ws
+    def __init__(self, ws, ping_every: float = 0.0, max_message: int = MAX_MESSAGE):
+        self.ws = ws  # simple-websocket's Server: its handshake, and its socket
+        self.sock = ws.sock
+        self._reader = frames.Reader(masked=True, max_size=max_message)
+        self._messages: collections.deque = collections.deque()
+        self._closed: str | None = None  # why the connection ended, once it has
+        self._close_sent = False
         self._timeout: float | None = -1.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -77,76 +92,108 @@ class TwilioSocket:
     def _keepalive(self, every: float) -> None:
         while not self._stop.wait(every):
             try:
-                with self._lock:
-                    write_all(self.ws.sock, self.ws.ws.send(Ping()))
+                self._write(frames.encode(frames.OP_PING, b""))
             except Exception:  # the socket is gone; the relay notices on its own
                 return
 
-    def end(self) -> None:
-        """After the relay: stop pinging and finish the TCP connection now.
-
-        Twilio moves on to the <Connect action> when the connection ends. Some
-        servers keep the socket open behind their own file objects after the
-        view returns, so it is shut down here explicitly.
-        """
-        self._stop.set()
-        try:
-            self.ws.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # already gone
+    def _write(self, data: bytes) -> None:
+        with self._lock:
+            write_all(self.sock, data)
 
     def send(self, *messages: str) -> None:
-        ws = self.ws
-        if not ws.connected:
-            raise ConnectionClosed(ws.close_reason, ws.close_message)
-        with self._lock:
-            write_all(ws.sock, b"".join(ws.ws.send(TextMessage(data=m)) for m in messages))
+        if self._closed or self._close_sent:
+            raise ConnectionClosed(1000, self._closed or "closing")
+        encode, text = frames.encode, frames.OP_TEXT
+        self._write(b"".join(encode(text, m.encode()) for m in messages))
 
-    def receive(self, timeout: float | None = None):
+    def receive(self, timeout: float | None = None) -> str | None:
         """The next message, or None after `timeout`; read in the caller's own greenlet.
 
         simple-websocket would read in a thread of its own and hand each
         message over through an Event: two context switches per 20 ms frame.
-        With `ReadInCaller` as its thread class, that loop body runs here.
+        Messages that arrived before a close frame are still returned.
         """
-        ws = self.ws
-        while not ws.input_buffer:
-            if not ws.connected:
-                raise ConnectionClosed(ws.close_reason, ws.close_message)
+        while not self._messages:
+            if self._closed:
+                raise ConnectionClosed(1000, self._closed)
             if timeout != self._timeout:
-                ws.sock.settimeout(timeout)
+                self.sock.settimeout(timeout)
                 self._timeout = timeout
             try:
-                data = ws.sock.recv(ws.receive_bytes)
+                data = self.sock.recv(RECEIVE_BYTES)
             except TimeoutError:
                 return None
             except OSError as exc:
-                ws.connected = False
-                raise ConnectionClosed(ws.close_reason, str(exc)) from exc
+                self._ended(str(exc))
+                continue
             if not data:
-                ws.connected = False
-                raise ConnectionClosed(ws.close_reason, ws.close_message)
-            with self._lock:  # answers to pings and closes are written from here
-                ws.ws.receive_data(data)
-                ws.connected = ws._handle_events()
-        return ws.input_buffer.pop(0)
+                self._ended("connection closed")
+                continue
+            try:
+                self._take(self._reader.feed(data))
+            except frames.ProtocolError as exc:
+                self.close(exc.code, str(exc))
+                self._ended(str(exc))
+        return self._messages.popleft()
 
-    def close(self) -> None:
+    def _take(self, events: list[tuple[int, bytes]]) -> None:
+        for opcode, payload in events:
+            if opcode == frames.OP_TEXT:
+                try:
+                    self._messages.append(payload.decode())
+                except UnicodeDecodeError:
+                    raise frames.ProtocolError(
+                        frames.CLOSE_INVALID_DATA, "text is not UTF-8"
+                    ) from None
+            elif opcode == frames.OP_PING:
+                self._write(frames.encode(frames.OP_PONG, payload))
+            elif opcode == frames.OP_CLOSE:
+                self.close(frames.close_code(payload))  # the closing handshake's answer
+                self._ended("closed by Twilio")
+                return
+            # Binary messages and pongs carry nothing for the relay: Twilio's are JSON text.
+
+    def _ended(self, why: str) -> None:
+        self._closed = why
+        self.ws.connected = False  # so flask-sock's own close after the view does nothing
+
+    def close(self, code: int = frames.CLOSE_NORMAL, reason: str = "") -> None:
+        """Start (or answer) the closing handshake: Twilio then runs the <Connect action>."""
+        with self._lock:
+            if self._close_sent:
+                return
+            self._close_sent = True
+            try:
+                write_all(
+                    self.sock, frames.encode(frames.OP_CLOSE, frames.close_payload(code, reason))
+                )
+            except OSError:
+                pass  # the connection is already gone
+        self.ws.connected = False
+
+    def end(self) -> None:
+        """After the relay: stop pinging and finish the TCP connection now.
+
+        Some servers keep the socket open behind their own file objects after
+        the view returns, so it is shut down here explicitly.
+        """
+        self._stop.set()
+        self._ended(self._closed or "relay ended")
         try:
-            with self._lock:
-                self.ws.close()
-        finally:
-            self.ws.event.set()
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already gone
 
 
 class RealtimeSocket:
     """The openai SDK's realtime connection, with a lean send for the relay.
 
-    `send_raw` frames the message with the websockets connection's own
-    protocol object under its own lock, and writes it with `write_all`:
-    what websockets' `send()` does, without a context manager, state checks
-    and gevent's sendall on every audio frame. A closed connection still
-    raises (the protocol refuses to frame on it).
+    `send_raw` frames the message itself (`frames.encode`, masked as a
+    client must) and writes it with `write_all` under the websockets
+    connection's own lock, so it never splits the library's pings and
+    close frames: what websockets' `send()` does, without its frame objects,
+    context manager and gevent's sendall on every audio frame. Once the
+    library has started closing, sending raises.
     """
 
     def __init__(self, connection):
@@ -160,11 +207,11 @@ class RealtimeSocket:
         if ws is None:
             self.connection.send_raw(data)
             return
+        frame = frames.encode(frames.OP_TEXT, data.encode(), mask=True)
         with ws.protocol_mutex:
-            ws.protocol.send_text(data.encode())
-            for chunk in ws.protocol.data_to_send():
-                if chunk:
-                    write_all(ws.socket, chunk)
+            if ws.protocol.state is not State.OPEN:
+                raise ConnectionError(f"model connection is {ws.protocol.state.name.lower()}")
+            write_all(ws.socket, frame)
 
     def recv_bytes(self) -> bytes:
         return self.connection.recv_bytes()

@@ -55,6 +55,9 @@ def _signed_handshake():
     if get_services().settings.validate_twilio_signature and not signature_is_valid():
         log.warning("refused unsigned or forged media-stream handshake")
         abort(403)
+    # No extensions (permessage-deflate): TwilioSocket reads plain frames, and
+    # compressing base64 audio would cost CPU on every frame for little gain.
+    request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
 
 
 @sock.route(STREAM_PATH, bp=bp)
@@ -94,7 +97,11 @@ def open_realtime(services: Services):
     """A live realtime connection (GA protocol), or an exception within the budget."""
     manager = services.openai.realtime.connect(
         model=services.settings.openai_realtime_model,
-        websocket_connection_options={"open_timeout": services.settings.stream_connect_timeout},
+        # No compression: base64 audio gains little, and every frame would pay for it.
+        websocket_connection_options={
+            "open_timeout": services.settings.stream_connect_timeout,
+            "compression": None,
+        },
     )
     # Entered by hand, not in a with-block: the relay owns the connection and
     # closes it when the call or the model ends.

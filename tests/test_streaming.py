@@ -261,39 +261,135 @@ def test_dtmf_is_recorded(live, fake_openai):
     media.hang_up()
 
 
+class RawTwilio:
+    """A bare WebSocket client (wsproto), for what a well-behaved media client never sends."""
+
+    def __init__(self, server: LiveServer, extensions=()):
+        import socket as socket_lib
+
+        from twilio.request_validator import RequestValidator
+        from wsproto import ConnectionType, WSConnection
+        from wsproto.events import Request
+
+        url = server.ws + "/media-stream"
+        signature = RequestValidator(AUTH_TOKEN).compute_signature(url, {})
+        self.conn = WSConnection(ConnectionType.CLIENT)
+        self.sock = socket_lib.create_connection(("127.0.0.1", server.port), timeout=5)
+        self.send(
+            Request(
+                host=f"127.0.0.1:{server.port}",
+                target="/media-stream",
+                extensions=list(extensions),
+                extra_headers=[(b"x-twilio-signature", signature.encode())],
+            )
+        )
+        self.events: list = []
+
+    def send(self, event) -> None:
+        self.sock.sendall(self.conn.send(event))
+
+    def send_json(self, message: dict, fragments: int = 1) -> None:
+        import json
+
+        from wsproto.events import TextMessage
+
+        text = json.dumps(message)
+        step = -(-len(text) // fragments)
+        for i in range(0, len(text), step):
+            last = i + step >= len(text)
+            self.send(TextMessage(data=text[i : i + step], message_finished=last))
+
+    def next(self, kind, timeout: float = 3.0):
+        """The first event of this wsproto type to arrive, or None."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for event in self.events:
+                if isinstance(event, kind):
+                    self.events.remove(event)
+                    return event
+            data = self.sock.recv(65536)
+            if not data:
+                return None
+            self.conn.receive_data(data)
+            self.events.extend(self.conn.events())
+        return None
+
+    def start(self, stream_sid: str = "MZ" + "1" * 32) -> None:
+        self.send_json({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+        self.send_json(
+            {
+                "event": "start",
+                "streamSid": stream_sid,
+                "start": {"streamSid": stream_sid, "callSid": new_sid(), "customParameters": {}},
+            }
+        )
+
+
 def test_keepalive_pings_reach_twilio(stream_config, fake_openai):
     """Idle platform proxies cut silent WebSockets; the relay pings Twilio's side."""
-    import socket as socket_lib
-
-    from twilio.request_validator import RequestValidator
-    from wsproto import ConnectionType, WSConnection
-    from wsproto.events import AcceptConnection, Ping, Request
+    from wsproto.events import AcceptConnection, Ping
 
     server = LiveServer(create_app({**stream_config, "STREAM_PING_SECONDS": "0.2"}))
     try:
-        url = server.ws + "/media-stream"
-        signature = RequestValidator(AUTH_TOKEN).compute_signature(url, {})
-        conn = WSConnection(ConnectionType.CLIENT)
-        sock = socket_lib.create_connection(("127.0.0.1", server.port), timeout=5)
-        sock.sendall(
-            conn.send(
-                Request(
-                    host=f"127.0.0.1:{server.port}",
-                    target="/media-stream",
-                    extra_headers=[(b"x-twilio-signature", signature.encode())],
-                )
-            )
-        )
-        events = []
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline and not any(isinstance(e, Ping) for e in events):
-            conn.receive_data(sock.recv(4096))
-            events.extend(conn.events())
-        sock.close()
+        twilio = RawTwilio(server)
+        assert twilio.next(AcceptConnection)
+        assert twilio.next(Ping)
+        twilio.sock.close()
     finally:
         server.stop()
-    assert isinstance(events[0], AcceptConnection)
-    assert any(isinstance(e, Ping) for e in events)
+
+
+def test_the_stream_refuses_compression_and_answers_pings(live, fake_openai):
+    """The relay reads plain frames: a compression offer is declined in the handshake."""
+    from wsproto.events import AcceptConnection, Ping, Pong
+    from wsproto.extensions import PerMessageDeflate
+
+    twilio = RawTwilio(live, extensions=[PerMessageDeflate()])
+    accepted = twilio.next(AcceptConnection)
+    assert accepted and accepted.extensions == []
+    twilio.send(Ping(payload=b"are you there"))
+    pong = twilio.next(Pong)
+    assert pong and pong.payload == b"are you there"
+    twilio.sock.close()
+
+
+def test_a_fragmented_media_message_reaches_the_model_whole(live, fake_openai):
+    import base64
+
+    from wsproto.events import AcceptConnection
+
+    twilio = RawTwilio(live)
+    assert twilio.next(AcceptConnection)
+    twilio.start()
+    payload = base64.b64encode(bytes(range(160))).decode()
+    twilio.send_json({"event": "media", "media": {"payload": payload}}, fragments=3)
+    assert wait_for(lambda: fake_openai.events("input_audio_buffer.append"))
+    assert fake_openai.events("input_audio_buffer.append")[0]["audio"] == payload
+    twilio.sock.close()
+
+
+def test_twilio_closing_gets_its_close_answered(live, fake_openai):
+    from wsproto.events import AcceptConnection, CloseConnection
+
+    twilio = RawTwilio(live)
+    assert twilio.next(AcceptConnection)
+    twilio.start()
+    assert wait_for(lambda: fake_openai.events("session.update"))
+    twilio.send(CloseConnection(code=1000))
+    answer = twilio.next(CloseConnection)
+    assert answer and answer.code == 1000
+    twilio.sock.close()
+
+
+def test_a_broken_frame_closes_the_stream_with_a_protocol_error(live, fake_openai):
+    from wsproto.events import AcceptConnection, CloseConnection
+
+    twilio = RawTwilio(live)
+    assert twilio.next(AcceptConnection)
+    twilio.sock.sendall(bytes([0x81, 0x02]) + b"hi")  # a client frame must be masked
+    answer = twilio.next(CloseConnection)
+    assert answer and answer.code == 1002
+    twilio.sock.close()
 
 
 def test_the_fallback_turns_never_reuse_a_gather_turn_number(client, stream_config):
