@@ -39,8 +39,11 @@ def write_all(sock, data: bytes) -> None:
     gevent's socket wraps a non-blocking OS socket (`_sock`); a send on it
     either writes everything, or part, or raises BlockingIOError, and the
     rest goes through gevent's own sendall, which waits cooperatively.
+    A TLS socket (wss:// to the model; `_sslobj`, in the standard library's
+    and gevent's alike) has a `_sock` too, under the encryption: it always
+    goes through its own sendall.
     """
-    raw = getattr(sock, "_sock", None)
+    raw = None if hasattr(sock, "_sslobj") else getattr(sock, "_sock", None)
     if raw is not None:
         try:
             sent = raw.send(data)

@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 import requests
 
+from .fakes.openai_server import FakeOpenAI
 from .fakes.redis_server import free_port
 from .twilio_sim import AUTH_TOKEN, new_sid, sign
 
 ROOT = Path(__file__).resolve().parent.parent
+TLS = Path(__file__).resolve().parent / "fakes" / "tls"  # a self-signed certificate for 127.0.0.1
 
 
 def start_gunicorn(env: dict, port: int, log: Path) -> subprocess.Popen:
@@ -99,13 +101,25 @@ def test_forged_requests_are_refused_by_the_server(dynos):
     assert AUTH_TOKEN not in response.text
 
 
-def test_a_streaming_call_through_gunicorn(stream_config, fake_openai, tmp_path):
+@pytest.fixture
+def tls_openai():
+    """A fake OpenAI on https:// and wss://, as the real one: TLS under gevent is its own path."""
+    fake = FakeOpenAI(tls=(str(TLS / "cert.pem"), str(TLS / "key.pem"))).start()
+    yield fake
+    fake.stop()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
+def test_a_streaming_call_through_gunicorn(stream_config, fake_openai, tls, tmp_path, request):
     """The media-stream WebSocket under the Procfile's server (gevent workers)."""
     from .fakes.twilio_media import TwilioMediaClient
     from .waiting import wait_for
 
     env = {k: v for k, v in os.environ.items() if k not in stream_config}
     env.update(stream_config)
+    if tls:
+        fake_openai = request.getfixturevalue("tls_openai")
+        env.update(OPENAI_BASE_URL=fake_openai.url, SSL_CERT_FILE=str(TLS / "cert.pem"))
     port = free_port()
     proc = start_gunicorn(env, port, tmp_path / "gunicorn.log")
     try:

@@ -58,7 +58,8 @@ def echo(messages: list[dict]) -> str:
 
 
 class FakeOpenAI:
-    def __init__(self, port: int = 0):
+    def __init__(self, port: int = 0, tls: tuple[str, str] | None = None):
+        """tls: (certificate, key) files, to serve https:// and wss:// as OpenAI does."""
         self.requests: list[dict] = []
         self._script: deque = deque()
         self._lock = threading.Lock()
@@ -70,9 +71,9 @@ class FakeOpenAI:
         self.realtime_handshakes: list[dict] = []
         self.app = self._build_app()
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
-        self.server = make_server("127.0.0.1", port, self.app, threaded=True)
+        self.server = make_server("127.0.0.1", port, self.app, threaded=True, ssl_context=tls)
         self.port = self.server.server_port
-        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}/v1"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     # -- test API -----------------------------------------------------------------
