@@ -25,12 +25,16 @@ import socket
 import threading
 
 from simple_websocket import ConnectionClosed
+from websockets.frames import Opcode
 from websockets.protocol import State
+from websockets.sync.client import ClientConnection
 
 from . import frames
 
 RECEIVE_BYTES = 4096
 MAX_MESSAGE = 1 << 20  # Twilio's messages are under 1 KB; a bigger one is refused
+RECEIVE_MODEL_BYTES = 65536  # as websockets reads: a model event can be large
+MAX_MODEL_MESSAGE = 16 << 20  # session events carry the instructions and tools
 
 
 def write_all(sock, data: bytes) -> None:
@@ -188,8 +192,75 @@ class TwilioSocket:
             pass  # already gone
 
 
+class HandOverConnection(ClientConnection):
+    """websockets' sync client connection, which hands its socket over once it is open.
+
+    websockets reads every connection in a thread of its own, parses frames
+    with its general parser, and passes each message to `recv()` through a
+    queue and its locks. That reader thread here stops right after the
+    opening handshake, and RealtimeSocket reads the socket itself, in the
+    relay's model loop. The library still handles every control frame:
+    RealtimeSocket gives them back through `feed()`, so pings are answered,
+    pongs acknowledged and the closing handshake kept.
+
+    It is passed to the SDK as websockets' documented `create_connection`
+    factory. When the handover is not clean (bytes of a frame already
+    buffered by the library, a message still in fragments) the library
+    keeps reading, and RealtimeSocket uses the SDK's own `recv_bytes`.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.handed_over = False
+        self.decided = threading.Event()  # set once handed_over is final
+        self.early: collections.deque = collections.deque()  # messages read with the handshake
+        self._in_handshake = True
+        super().__init__(*args, **kwargs)
+
+    def recv_events(self) -> None:
+        try:
+            self.handed_over = self._read_handshake()
+        except Exception:  # the library's own loop meets the failure again, and reports it
+            self.handed_over = False
+        if not self.handed_over:
+            self._in_handshake = False
+            for frame in self.early:
+                self.recv_messages.put(frame)
+            self.early.clear()
+        self.decided.set()
+        if not self.handed_over:
+            super().recv_events()
+
+    def _read_handshake(self) -> bool:
+        while not self.response_rcvd.is_set():
+            data = self.socket.recv(self.recv_bufsize)
+            if not data:
+                return False
+            self.feed(data)
+        reader = getattr(self.protocol, "reader", None)
+        return (
+            self.protocol.state is State.OPEN
+            and getattr(reader, "buffer", None) == b""
+            and all(frame.fin for frame in self.early)
+        )
+
+    def feed(self, data: bytes) -> None:
+        """What the library's reader does with bytes from the socket."""
+        with self.protocol_mutex:
+            self.protocol.receive_data(data)
+            events = self.protocol.events_received()
+            self.send_data()
+        for event in events:
+            self.process_event(event)
+
+    def process_event(self, event) -> None:
+        if self._in_handshake and getattr(event, "opcode", None) in (Opcode.TEXT, Opcode.BINARY):
+            self.early.append(event)  # whole messages: RealtimeSocket returns these first
+        else:
+            super().process_event(event)
+
+
 class RealtimeSocket:
-    """The openai SDK's realtime connection, with a lean send for the relay.
+    """The openai SDK's realtime connection, with a lean send and receive for the relay.
 
     `send_raw` frames the message itself (`frames.encode`, masked as a
     client must) and writes it with `write_all` under the websockets
@@ -197,6 +268,9 @@ class RealtimeSocket:
     close frames: what websockets' `send()` does, without its frame objects,
     context manager and gevent's sendall on every audio frame. Once the
     library has started closing, sending raises.
+
+    `recv_bytes` reads the socket in the caller's greenlet with
+    `frames.Reader`, once HandOverConnection has handed it over.
     """
 
     def __init__(self, connection):
@@ -204,6 +278,10 @@ class RealtimeSocket:
         ws = getattr(connection, "_connection", None)
         lean = all(hasattr(ws, name) for name in ("protocol", "protocol_mutex", "socket"))
         self._ws = ws if lean else None
+        self._own = ws if isinstance(ws, HandOverConnection) else None
+        self._messages: collections.deque = collections.deque()
+        self._reader = frames.Reader(masked=False, max_size=MAX_MODEL_MESSAGE)
+        self._closed = False
 
     def send_raw(self, data: str) -> None:
         ws = self._ws
@@ -217,7 +295,32 @@ class RealtimeSocket:
             write_all(ws.socket, frame)
 
     def recv_bytes(self) -> bytes:
-        return self.connection.recv_bytes()
+        ws = self._own
+        if ws is None or not (ws.decided.wait() and ws.handed_over):
+            return self.connection.recv_bytes()
+        while not self._messages:
+            if ws.early:
+                self._messages.append(bytes(ws.early.popleft().data))
+                break
+            if self._closed:
+                raise ConnectionError("model connection closed")
+            data = ws.socket.recv(RECEIVE_MODEL_BYTES)
+            if not data:
+                self._closed = True
+                continue
+            for opcode, payload in self._reader.feed(data):
+                if opcode <= frames.OP_BINARY:
+                    self._messages.append(payload)
+                else:  # pings, pongs and the closing handshake are the library's
+                    ws.feed(frames.encode(opcode, payload))
+                    self._closed = self._closed or opcode == frames.OP_CLOSE
+        return self._messages.popleft()
 
     def close(self) -> None:
-        self.connection.close()
+        try:
+            self.connection.close()
+        finally:
+            if self._own is not None and self._own.handed_over:
+                # Nobody reads for the library any more, so it cannot wait for
+                # the server's close frame: end the TCP connection now.
+                self._own.close_socket()

@@ -19,7 +19,7 @@ from .control import StreamControl
 from .relay import Relay, RelayConfig
 from .security import signature_is_valid
 from .services import Services, get_services
-from .sockets import RealtimeSocket, TwilioSocket
+from .sockets import HandOverConnection, RealtimeSocket, TwilioSocket
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,7 @@ def open_realtime(services: Services):
         websocket_connection_options={
             "open_timeout": services.settings.stream_connect_timeout,
             "compression": None,
+            "create_connection": HandOverConnection,
         },
     )
     # Entered by hand, not in a with-block: the relay owns the connection and

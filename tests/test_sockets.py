@@ -1,11 +1,21 @@
-"""write_all: one direct system call when it can, the library's sendall for the rest."""
+"""The relay's sockets: direct writes, the model socket handed over to the relay, the breaker."""
 
 from __future__ import annotations
 
+import json
+import threading
+import time
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from ivr import create_app, frames
 from ivr.breaker import StreamBreaker
-from ivr.sockets import write_all
+from ivr.sockets import RealtimeSocket, write_all
+from ivr.streaming import open_realtime
 
 from .fakes.redis_server import free_port
+from .waiting import wait_for
 
 
 class RawSocket:
@@ -83,3 +93,145 @@ def test_the_breaker_opens_after_the_threshold_and_resets_on_success(redis):
     assert breaker.is_open() is False  # the success reset the count
     breaker.record_failure("three")
     assert breaker.is_open() is True
+
+
+# -- the model socket: read by the relay once open --------------------------------------
+
+
+class ModelServer:
+    """A websockets server standing in for the realtime model, running `handler` per connection."""
+
+    def __init__(self, handler):
+        from websockets.sync.server import serve
+
+        self.seen: list = []  # what handlers observed, for the test to check
+        self.server = serve(lambda ws: handler(ws, self.seen), "127.0.0.1", 0)
+        self.port = self.server.socket.getsockname()[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def open_model(stream_config):
+    """open_realtime(), as the relay calls it, against a ModelServer: (socket, server)."""
+    servers = []
+
+    def opener(handler) -> tuple[RealtimeSocket, ModelServer]:
+        server = ModelServer(handler)
+        servers.append(server)
+        app = create_app({**stream_config, "OPENAI_BASE_URL": f"http://127.0.0.1:{server.port}/v1"})
+        return open_realtime(app.extensions["ivr"]), server
+
+    yield opener
+    for server in servers:
+        server.stop()
+
+
+def echo(ws, seen):
+    ws.send('{"type":"session.created"}')
+    for message in ws:
+        ws.send(message)
+
+
+def test_the_relay_reads_the_model_socket_itself_once_open(open_model):
+    model, _ = open_model(echo)
+    assert model._own.decided.wait(5) and model._own.handed_over
+    model.send_raw('{"type":"session.update"}')
+    assert json.loads(model.recv_bytes()) == {"type": "session.created"}
+    assert json.loads(model.recv_bytes()) == {"type": "session.update"}
+    model.close()
+
+
+def test_model_pings_are_answered_and_fragmented_events_arrive_whole(open_model):
+    def pinger(ws, seen):
+        pong = ws.ping(b"still there?")
+        ws.send(['{"type":"response.', 'output_audio.delta"}'])  # one message in two frames
+        seen.append(pong.wait(5))
+        ws.send('{"type":"after-ping"}')
+        ws.recv()
+
+    model, server = open_model(pinger)
+    assert json.loads(model.recv_bytes()) == {"type": "response.output_audio.delta"}
+    assert json.loads(model.recv_bytes()) == {"type": "after-ping"}
+    assert model._own.handed_over
+    assert server.seen == [True]  # the pong came back
+    model.close()
+
+
+def test_a_model_closing_ends_the_receive_and_gets_its_close_answered(open_model):
+    def closer(ws, seen):
+        ws.send('{"type":"session.created"}')
+        ws.close(1011, "server going away")
+        seen.append(ws.protocol.close_rcvd)
+
+    model, server = open_model(closer)
+    assert json.loads(model.recv_bytes()) == {"type": "session.created"}
+    with pytest.raises(ConnectionError):
+        model.recv_bytes()
+    model.close()
+    assert wait_for(lambda: server.seen)
+    assert server.seen[0] is not None and server.seen[0].code == 1011  # our answer echoed it
+
+
+def test_closing_the_model_socket_ends_the_session_at_once(open_model):
+    def listener(ws, seen):
+        try:
+            ws.recv()
+        except ConnectionClosed as exc:
+            seen.append(exc.rcvd)
+
+    model, server = open_model(listener)
+    assert model._own.decided.wait(5) and model._own.handed_over
+    model.close()
+    assert wait_for(lambda: server.seen)
+    assert server.seen[0] is not None and server.seen[0].code == 1000
+
+
+def test_an_unclean_handover_leaves_reading_to_the_library(stream_config):
+    """Part of a frame arrives with the handshake response: the library keeps reading."""
+    import base64
+    import hashlib
+    import socket as socket_lib
+
+    listener = socket_lib.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve():
+        conn, _ = listener.accept()
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += conn.recv(4096)
+        key = next(
+            line.split(b":", 1)[1].strip()
+            for line in request.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-key")
+        )
+        accept = base64.b64encode(
+            hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+        )
+        frame = frames.encode(frames.OP_TEXT, b'{"type":"session.created"}')
+        conn.sendall(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n" + frame[:5]
+        )
+        time.sleep(0.2)
+        conn.sendall(frame[5:])
+        conn.recv(4096)  # the client's close
+        conn.close()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        app = create_app({**stream_config, "OPENAI_BASE_URL": f"http://127.0.0.1:{port}/v1"})
+        model = open_realtime(app.extensions["ivr"])
+        assert model._own.decided.wait(5)
+        assert not model._own.handed_over
+        assert json.loads(model.recv_bytes()) == {"type": "session.created"}
+        model.close()
+    finally:
+        server.join(timeout=5)
+        listener.close()
