@@ -11,7 +11,7 @@ from websockets.exceptions import ConnectionClosed
 
 from ivr import create_app, frames
 from ivr.breaker import StreamBreaker
-from ivr.sockets import RealtimeSocket, write_all
+from ivr.sockets import RealtimeSocket, read_some, write_all
 from ivr.streaming import open_realtime
 
 from .fakes.redis_server import free_port
@@ -71,6 +71,34 @@ def test_a_plain_socket_uses_sendall():
     sock = Plain()
     write_all(sock, b"abc")
     assert sock.data == b"abc"
+
+
+def test_read_some_waits_for_data_then_reads_it_on_a_gevent_socket():
+    import gevent
+    from gevent import socket as gsocket
+
+    a, b = gsocket.socketpair()
+    try:
+        gevent.spawn_later(0.05, b.sendall, b"frame")
+        assert read_some(a, 100) == b"frame"
+        a.settimeout(0.05)  # the relay's connect-phase tick
+        with pytest.raises(TimeoutError):
+            read_some(a, 100)
+        b.close()
+        a.settimeout(None)
+        assert read_some(a, 100) == b""  # the peer closed
+    finally:
+        a.close()
+        b.close()
+
+
+def test_read_some_on_a_plain_socket_is_recv():
+    import socket as socket_lib
+
+    a, b = socket_lib.socketpair()
+    with a, b:
+        b.sendall(b"frame")
+        assert read_some(a, 100) == b"frame"
 
 
 def test_the_breaker_without_redis_lets_streams_be_tried():
