@@ -1,6 +1,6 @@
 """A lean fake realtime model for the relay benchmark (asyncio + websockets).
 
-    python bench/fake_realtime.py PORT RESULTS.json
+    python bench/fake_realtime.py PORT RESULTS.json [CERT KEY]
 
 Speaks the GA realtime subset the relay uses. Caller frames from
 bench/twilio_load.py carry their send time (8 bytes, CLOCK_MONOTONIC, shared
@@ -17,6 +17,7 @@ import asyncio
 import base64
 import json
 import signal
+import ssl
 import struct
 import sys
 import time
@@ -118,15 +119,23 @@ async def session(ws) -> None:
         sessions["closed"] += 1
 
 
-async def main(port: int, results: str) -> None:
+async def main(port: int, results: str, tls: ssl.SSLContext | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    async with serve(session, "127.0.0.1", port, max_size=None, compression=None):
+    async with serve(session, "127.0.0.1", port, max_size=None, compression=None, ssl=tls):
         await stop.wait()
     with open(results, "w") as out:
         json.dump({"c2m": c2m, "speech_started": speech_started, "sessions": sessions}, out)
 
 
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
+    # Optional: CERT KEY, to serve wss:// as the real service does.
+    tls = tls_context(sys.argv[3], sys.argv[4]) if len(sys.argv) > 4 else None
+    asyncio.run(main(int(sys.argv[1]), sys.argv[2], tls))

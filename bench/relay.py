@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from bench.turns import Services, free_port, pct  # noqa: E402
 
 TOKEN = "bench-auth-token"
+TLS = ROOT / "tests" / "fakes" / "tls"  # a self-signed certificate for 127.0.0.1
 WARMUP = 2.0
 
 
@@ -55,7 +56,9 @@ def worker_pid(master: int) -> int:
     raise SystemExit("gunicorn worker did not start")
 
 
-def run(streams: int, seconds: float, worker_class: str, profile: str | None = None) -> dict:
+def run(
+    streams: int, seconds: float, worker_class: str, profile: str | None = None, tls: bool = False
+) -> dict:
     svc = Services()
     tmp = svc.tmp
     try:
@@ -66,6 +69,7 @@ def run(streams: int, seconds: float, worker_class: str, profile: str | None = N
                 str(ROOT / "bench/fake_realtime.py"),
                 str(fake_port),
                 str(tmp / "fake.json"),
+                *([str(TLS / "cert.pem"), str(TLS / "key.pem")] if tls else []),
             ]
         )
         svc.procs.append(fake)
@@ -78,8 +82,9 @@ def run(streams: int, seconds: float, worker_class: str, profile: str | None = N
                 "STREAMING_ENABLED": "true",
                 "TWILIO_ACCOUNT_SID": "AC" + "0" * 32,
                 "TWILIO_AUTH_TOKEN": TOKEN,
-                "OPENAI_BASE_URL": f"http://127.0.0.1:{fake_port}/v1",
+                "OPENAI_BASE_URL": f"{'https' if tls else 'http'}://127.0.0.1:{fake_port}/v1",
                 "STREAM_CONNECT_TIMEOUT_SECONDS": "5",
+                **({"SSL_CERT_FILE": str(TLS / "cert.pem")} if tls else {}),
             },
         )
         master = svc.procs[-1].pid
@@ -168,10 +173,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--worker-class", default="gevent")
     parser.add_argument("--profile", help="write a py-spy raw profile of the worker here")
+    parser.add_argument(
+        "--tls", action="store_true", help="the model on wss://, as the real service is"
+    )
     args = parser.parse_args()
     for n in args.streams:
-        r = run(n, args.seconds, args.worker_class, args.profile)
-        print(f"{n} streams, {args.seconds:g} s, gunicorn 1 x {args.worker_class}")
+        r = run(n, args.seconds, args.worker_class, args.profile, args.tls)
+        model = "wss" if args.tls else "ws"
+        print(
+            f"{n} streams, {args.seconds:g} s, gunicorn 1 x {args.worker_class}, model on {model}"
+        )
         print(f"  caller->model  {fmt(r['c2m'])}")
         print(f"  model->caller  {fmt(r['m2c'])}")
         print(f"  barge-in       {fmt(r['barge'])}")
