@@ -4,18 +4,20 @@ A call moves ~50 caller frames and tens of model audio chunks a second, so
 the per-message cost of the WebSocket layers is most of the relay's CPU
 (README, relay benchmark). What earns its place here, by measurement:
 
-- Twilio's socket is read in the relay's own greenlet instead of in
-  simple-websocket's reader thread (`ReadInCaller`), and its frames are
-  read and written by `frames` instead of wsproto: 1.5% -> 1.1% of a core
-  per stream at 10 streams;
-- every write is one direct system call (`write_all`) instead of gevent's
-  Python-level `sendall`, and the model's messages are framed without the
-  websockets library's frame objects and per-send context manager.
+- each socket is read in one of the relay's own loops, not in a library's
+  reader thread handing messages over through queues and events: Twilio's
+  (`ReadInCaller`, `TwilioSocket.receive`) and the model's once open
+  (`HandOverConnection`, `RealtimeSocket.recv_bytes`): 1.1% -> 0.95% of a
+  core per stream at 10 streams for the model's;
+- frames are read and written by `frames` instead of wsproto and
+  websockets' frame objects: 1.5% -> 1.1%;
+- every read waits for data first (`read_some`) and every write is one
+  direct system call (`write_all`), instead of gevent's Python-level loops.
 
 The libraries keep the handshakes, and on the model side the pings and the
-closing handshake. The model socket falls back to the SDK's own send where
-the websockets internals it uses are not there, so a library upgrade costs
-speed, never correctness.
+closing handshake. Where the internals used here are not there, the model
+socket falls back to the SDK's own send and receive, so a library upgrade
+costs speed, never correctness.
 """
 
 from __future__ import annotations
