@@ -35,6 +35,7 @@ from . import frames
 
 RECEIVE_BYTES = 4096
 MAX_MESSAGE = 1 << 20  # Twilio's messages are under 1 KB; a bigger one is refused
+CLOSE_GRACE = 5.0  # seconds for Twilio to answer our close frame before the TCP close
 RECEIVE_MODEL_BYTES = 65536  # as websockets reads: a model event can be large
 MAX_MODEL_MESSAGE = 16 << 20  # session events carry the instructions and tools
 
@@ -111,6 +112,7 @@ class TwilioSocket:
         self._messages: collections.deque = collections.deque()
         self._closed: str | None = None  # why the connection ended, once it has
         self._close_sent = False
+        self._close_timer: threading.Timer | None = None
         self._timeout: float | None = -1.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -200,6 +202,11 @@ class TwilioSocket:
             except OSError:
                 pass  # the connection is already gone
         self.ws.connected = False
+        # Twilio answers with its own close frame, which ends the relay's read;
+        # should it not, the connection is ended anyway after a grace period.
+        self._close_timer = threading.Timer(CLOSE_GRACE, self.end)
+        self._close_timer.daemon = True
+        self._close_timer.start()
 
     def end(self) -> None:
         """After the relay: stop pinging and finish the TCP connection now.
@@ -208,6 +215,8 @@ class TwilioSocket:
         the view returns, so it is shut down here explicitly.
         """
         self._stop.set()
+        if self._close_timer is not None:
+            self._close_timer.cancel()
         self._ended(self._closed or "relay ended")
         try:
             self.sock.shutdown(socket.SHUT_RDWR)

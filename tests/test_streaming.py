@@ -381,6 +381,21 @@ def test_twilio_closing_gets_its_close_answered(live, fake_openai):
     twilio.sock.close()
 
 
+def test_the_stream_ends_even_if_twilio_never_answers_the_close(live, fake_openai, monkeypatch):
+    """The model drops, the relay closes Twilio's socket, and this client stays silent."""
+    from wsproto.events import AcceptConnection, CloseConnection
+
+    monkeypatch.setattr("ivr.sockets.CLOSE_GRACE", 0.3)
+    fake_openai.realtime.drop_after_seconds = 0.2
+    twilio = RawTwilio(live)
+    assert twilio.next(AcceptConnection)
+    twilio.start()
+    assert twilio.next(CloseConnection)  # the fallback signal; not answered
+    twilio.sock.settimeout(5)
+    assert twilio.sock.recv(4096) == b""  # the server ended the TCP connection
+    twilio.sock.close()
+
+
 def test_a_broken_frame_closes_the_stream_with_a_protocol_error(live, fake_openai):
     from wsproto.events import AcceptConnection, CloseConnection
 
