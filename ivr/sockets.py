@@ -97,7 +97,7 @@ class TwilioSocket:
     """Twilio's media-stream socket, after flask-sock's handshake.
 
     Frames are read and written here (`frames`), not through wsproto: the
-    handshake refused every extension (`streaming.media_stream`), so a frame
+    handshake declined every extension (`streaming._before_handshake`), so a frame
     is plain RFC 6455. `send` writes several messages in one write (each
     audio delta goes out as a media message and a mark). Keepalive pings,
     which stop idle platform proxies from cutting the stream, come from one
