@@ -12,7 +12,9 @@ Hot path. A call carries ~50 caller frames and tens of model deltas a second.
 Both sides speak mu-law 8 kHz (`audio/pcmu`), so base64 payloads pass through
 untouched, and the per-frame messages are built as strings around the payload
 instead of through json.dumps or the SDK's typed events (which run a
-TypedDict transform per event; see the README's relay benchmark).
+TypedDict transform per event; see the README's relay benchmark). Caller
+frames and the model's audio deltas are read the same way, without a JSON
+parse; every other event is parsed.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ BYTES_PER_MS = 8  # mu-law, 8000 samples/s, one byte per sample
 MAX_EARLY_FRAMES = 250  # caller audio kept while the model connects: 5 s of 20 ms frames
 WAIT_TICK = 0.05  # how often the caller's loop looks at the model while it connects
 NO_START_GRACE = 3.0  # seconds past the connect budget to wait for Twilio's `start`
+# Most model events are audio deltas: they are forwarded without a JSON parse
+# when their type is near the start (after at most an event_id).
+AUDIO_DELTA = b'"type":"response.output_audio.delta"'
+AUDIO_DELTA_WITHIN = 96
 
 
 class ModelUnavailable(Exception):
@@ -309,7 +315,14 @@ class Relay:
         handlers = self._model_handlers
         try:
             while True:
-                event = json.loads(self.model.recv_bytes())
+                raw = self.model.recv_bytes()
+                if AUDIO_DELTA in raw[:AUDIO_DELTA_WITHIN]:
+                    text = raw.decode()
+                    item_id, delta = _field(text, '"item_id":"'), _field(text, '"delta":"')
+                    if item_id and delta:
+                        self._play(item_id, delta)
+                        continue
+                event = json.loads(raw)
                 handler = handlers.get(event.get("type"))
                 if handler:
                     handler(event)
@@ -318,10 +331,12 @@ class Relay:
                 self._fail("model-lost", f"model connection lost: {exc!r}")
 
     def _on_audio_delta(self, event: dict) -> None:
-        item_id = event["item_id"]
+        self._play(event["item_id"], event["delta"])
+
+    def _play(self, item_id: str, delta: str) -> None:
+        """Send one chunk of the agent's audio to Twilio, followed by its mark."""
         if item_id in self._truncated:
             return  # audio generated before our cancel arrived: the caller moved on
-        delta = event["delta"]
         playback = self._playback
         now = self.clock()
         if item_id != playback.item_id:
@@ -457,13 +472,25 @@ class Relay:
 
 
 def _payload(message: str) -> str | None:
-    """The base64 payload of a Twilio media message, found without a JSON parse."""
-    start = message.find('"payload":"')
+    """The base64 payload of a Twilio media message."""
+    payload = _field(message, '"payload":"')
+    return payload if payload is not None else json.loads(message).get("media", {}).get("payload")
+
+
+def _field(message: str, key: str) -> str | None:
+    """The string value after `key` ('"name":"') in a JSON message, cut out without a parse.
+
+    None when it is missing, cut short or holds an escape: json.loads decides then.
+    """
+    start = message.find(key)
     if start < 0:
-        return json.loads(message).get("media", {}).get("payload")
-    start += len('"payload":"')
+        return None
+    start += len(key)
     end = message.find('"', start)
-    return message[start:end] if end > 0 else None
+    if end < 0:
+        return None
+    value = message[start:end]
+    return None if "\\" in value else value
 
 
 def _decoded_length(b64: str) -> int:

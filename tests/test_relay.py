@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from ivr.relay import Relay, RelayConfig, _Playback
+from ivr.relay import Relay, RelayConfig, _field, _payload, _Playback
 
 from .waiting import wait_for
 
@@ -78,8 +78,8 @@ class FakeModel:
         self.closed.set()
         self.inbox.put(None)
 
-    def push(self, event: dict) -> None:
-        self.inbox.put(json.dumps(event).encode())
+    def push(self, event: dict, compact: bool = False) -> None:
+        self.inbox.put(json.dumps(event, separators=(",", ":") if compact else None).encode())
 
 
 @pytest.fixture
@@ -137,13 +137,35 @@ def test_speech_while_the_agent_is_silent_changes_nothing(rig):
     assert "twilio:clear" not in rig.recorder.kinds()
 
 
-def test_media_and_marks_carry_the_stream_sid(rig):
+@pytest.mark.parametrize(
+    "compact", [True, False], ids=["compact: read without a parse", "spaced: parsed"]
+)
+def test_media_and_marks_carry_the_stream_sid(rig, compact):
     assert wait_for(lambda: rig.relay._reader is not None)
-    rig.model.push({"type": "response.output_audio.delta", "item_id": "i1", "delta": "//79"})
+    delta = {"type": "response.output_audio.delta", "event_id": "e1", "item_id": "i1"}
+    rig.model.push({**delta, "output_index": 0, "delta": "//79"}, compact=compact)
     assert wait_for(lambda: "twilio:mark" in rig.recorder.kinds())
     sent = [m for side, m in rig.recorder.log if side == "twilio"]
     assert sent[0] == {"event": "media", "streamSid": STREAM, "media": {"payload": "//79"}}
     assert sent[1]["event"] == "mark" and sent[1]["streamSid"] == STREAM
+
+
+@pytest.mark.parametrize(
+    ("message", "value"),
+    [
+        ('{"type":"response.output_audio.delta","item_id":"i1","delta":"AAE="}', "AAE="),
+        ('{"type":"response.output_audio.delta","delta":"A\\/E="}', None),
+        ('{"type":"response.output_audio.delta","item_id":"i1"}', None),
+        ('{"type":"response.output_audio.delta","delta":"AAE=', None),
+    ],
+    ids=["compact", "escaped: left to json.loads", "missing", "cut short"],
+)
+def test_fields_are_cut_out_without_a_parse_or_left_to_json(message, value):
+    assert _field(message, '"delta":"') == value
+
+
+def test_a_media_payload_with_an_escape_goes_through_json():
+    assert _payload('{"event":"media","media":{"payload":"A\\/E="}}') == "A/E="
 
 
 def test_audio_that_arrives_before_the_model_is_kept_and_sent_in_order():

@@ -58,7 +58,7 @@ class RealtimeSession:
 
     def send(self, event: dict) -> None:
         event.setdefault("event_id", self._id("event"))
-        self.ws.send(json.dumps(event))
+        self.ws.send(json.dumps(event, separators=(",", ":")))  # compact, as on the wire
 
     def run(self) -> None:
         self.send({"type": "session.created", "session": {"type": "realtime", "model": self.model}})
