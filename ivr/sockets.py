@@ -36,6 +36,7 @@ from . import frames
 RECEIVE_BYTES = 4096
 MAX_MESSAGE = 1 << 20  # Twilio's messages are under 1 KB; a bigger one is refused
 CLOSE_GRACE = 5.0  # seconds for Twilio to answer our close frame before the TCP close
+DATA_OPCODES = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
 RECEIVE_MODEL_BYTES = 65536  # as websockets reads: a model event can be large
 MAX_MODEL_MESSAGE = 16 << 20  # session events carry the instructions and tools
 
@@ -285,8 +286,10 @@ class HandOverConnection(ClientConnection):
             self.process_event(event)
 
     def process_event(self, event) -> None:
-        if self._in_handshake and getattr(event, "opcode", None) in (Opcode.TEXT, Opcode.BINARY):
-            self.early.append(event)  # whole messages: RealtimeSocket returns these first
+        if self._in_handshake and getattr(event, "opcode", None) in DATA_OPCODES:
+            # Kept in order, fragments too: RealtimeSocket returns whole
+            # messages first; if any is in fragments, they all go to the library.
+            self.early.append(event)
         else:
             super().process_event(event)
 

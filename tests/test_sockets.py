@@ -219,12 +219,21 @@ def test_closing_the_model_socket_ends_the_session_at_once(open_model):
     assert server.seen[0] is not None and server.seen[0].code == 1000
 
 
+EVENT = b'{"type":"session.created"}'
+FRAME = frames.encode(frames.OP_TEXT, EVENT)
+FRAGMENTS = bytes([0x01, 8]) + EVENT[:8] + bytes([0x80, len(EVENT) - 8]) + EVENT[8:]
+
+
 @pytest.mark.parametrize(
-    ("with_response", "handed_over"),
-    [(None, True), (5, False)],
-    ids=["whole frame: read by the relay", "part of a frame: the library keeps reading"],
+    ("first", "rest", "handed_over"),
+    [(FRAME, b"", True), (FRAME[:5], FRAME[5:], False), (FRAGMENTS, b"", False)],
+    ids=[
+        "whole frame: read by the relay",
+        "part of a frame: the library keeps reading",
+        "a message in fragments: the library keeps reading",
+    ],
 )
-def test_frames_arriving_with_the_handshake_response(stream_config, with_response, handed_over):
+def test_frames_arriving_with_the_handshake_response(stream_config, first, rest, handed_over):
     """The server's first event can share a TCP segment with its 101 response."""
     import base64
     import hashlib
@@ -232,8 +241,6 @@ def test_frames_arriving_with_the_handshake_response(stream_config, with_respons
 
     listener = socket_lib.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
-    frame = frames.encode(frames.OP_TEXT, b'{"type":"session.created"}')
-    first, rest = frame[:with_response], frame[with_response:] if with_response else b""
 
     def serve():
         conn, _ = listener.accept()
