@@ -254,14 +254,15 @@ class HandOverConnection(ClientConnection):
             self.handed_over = self._read_handshake()
         except Exception:  # the library's own loop meets the failure again, and reports it
             self.handed_over = False
-        if not self.handed_over:
-            self._in_handshake = False
-            for frame in self.early:
-                self.recv_messages.put(frame)
-            self.early.clear()
+        if self.handed_over:
+            self.decided.set()
+            return
+        self._in_handshake = False
+        for frame in self.early:
+            self.recv_messages.put(frame)
+        self.early.clear()
         self.decided.set()
-        if not self.handed_over:
-            super().recv_events()
+        super().recv_events()
 
     def _read_handshake(self) -> bool:
         while not self.response_rcvd.is_set():
@@ -305,7 +306,7 @@ class RealtimeSocket:
     library has started closing, sending raises.
 
     `recv_bytes` reads the socket in the caller's greenlet with
-    `frames.Reader`, once HandOverConnection has handed it over.
+    `frames.Reader` when HandOverConnection has handed it over.
     """
 
     def __init__(self, connection):
@@ -313,7 +314,10 @@ class RealtimeSocket:
         ws = getattr(connection, "_connection", None)
         lean = all(hasattr(ws, name) for name in ("protocol", "protocol_mutex", "socket"))
         self._ws = ws if lean else None
-        self._own = ws if isinstance(ws, HandOverConnection) else None
+        # Ours to read once the handover is decided (just after the handshake,
+        # which the SDK has already waited for).
+        handed = isinstance(ws, HandOverConnection) and ws.decided.wait() and ws.handed_over
+        self._own = ws if handed else None
         self._messages: collections.deque = collections.deque()
         self._reader = frames.Reader(masked=False, max_size=MAX_MODEL_MESSAGE)
         self._closed = False
@@ -331,7 +335,7 @@ class RealtimeSocket:
 
     def recv_bytes(self) -> bytes:
         ws = self._own
-        if ws is None or not (ws.decided.wait() and ws.handed_over):
+        if ws is None:
             return self.connection.recv_bytes()
         while not self._messages:
             if ws.early:
@@ -355,7 +359,7 @@ class RealtimeSocket:
         try:
             self.connection.close()
         finally:
-            if self._own is not None and self._own.handed_over:
+            if self._own is not None:
                 # Nobody reads for the library any more, so it cannot wait for
                 # the server's close frame: end the TCP connection now.
                 self._own.close_socket()
