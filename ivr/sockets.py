@@ -165,8 +165,8 @@ class TwilioSocket:
             try:
                 self._take(self._reader.feed(data))
             except frames.ProtocolError as exc:
-                self.close(exc.code, str(exc))
                 self._ended(str(exc))
+                self.close(exc.code, str(exc))
         return self._messages.popleft()
 
     def _take(self, events: list[tuple[int, bytes]]) -> None:
@@ -181,8 +181,8 @@ class TwilioSocket:
             elif opcode == frames.OP_PING:
                 self._write(frames.encode(frames.OP_PONG, payload))
             elif opcode == frames.OP_CLOSE:
-                self.close(frames.close_code(payload))  # the closing handshake's answer
                 self._ended("closed by Twilio")
+                self.close(frames.close_code(payload))  # the closing handshake's answer
                 return
             # Binary messages and pongs carry nothing for the relay: Twilio's are JSON text.
 
@@ -203,6 +203,8 @@ class TwilioSocket:
             except OSError:
                 pass  # the connection is already gone
         self.ws.connected = False
+        if self._closed:
+            return  # an answer, or the read has already ended: nothing to wait for
         # Twilio answers with its own close frame, which ends the relay's read;
         # should it not, the connection is ended anyway after a grace period.
         self._close_timer = threading.Timer(CLOSE_GRACE, self.end)

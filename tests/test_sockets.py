@@ -11,7 +11,7 @@ from websockets.exceptions import ConnectionClosed
 
 from ivr import create_app, frames
 from ivr.breaker import StreamBreaker
-from ivr.sockets import RealtimeSocket, read_some, write_all
+from ivr.sockets import RealtimeSocket, TwilioSocket, read_some, write_all
 from ivr.streaming import open_realtime
 
 from .fakes.redis_server import free_port
@@ -99,6 +99,33 @@ def test_read_some_on_a_plain_socket_is_recv():
     with a, b:
         b.sendall(b"frame")
         assert read_some(a, 100) == b"frame"
+
+
+def twilio_socket_pair():
+    """A TwilioSocket on one end of a socket pair; the other end plays Twilio."""
+    import socket as socket_lib
+    from types import SimpleNamespace
+
+    ours, theirs = socket_lib.socketpair()
+    return TwilioSocket(SimpleNamespace(sock=ours, connected=True)), ours, theirs
+
+
+def test_answering_twilios_close_leaves_nothing_waiting():
+    from simple_websocket import ConnectionClosed as TwilioClosed
+
+    twilio, ours, theirs = twilio_socket_pair()
+    with ours, theirs:
+        close = frames.close_payload(1000)
+        theirs.sendall(
+            frames.encode(frames.OP_TEXT, b'{"event":"stop"}', mask=True)
+            + frames.encode(frames.OP_CLOSE, close, mask=True)
+        )
+        assert twilio.receive() == '{"event":"stop"}'  # what came before the close first
+        with pytest.raises(TwilioClosed):
+            twilio.receive()
+        answer = frames.Reader(masked=False, max_size=1024).feed(theirs.recv(100))
+        assert answer == [(frames.OP_CLOSE, close)]
+        assert twilio._close_timer is None  # the handshake is complete: no grace period
 
 
 def test_the_breaker_without_redis_lets_streams_be_tried():
