@@ -262,9 +262,9 @@ FRAGMENTS = bytes([0x01, 8]) + EVENT[:8] + bytes([0x80, len(EVENT) - 8]) + EVENT
 )
 def test_frames_arriving_with_the_handshake_response(stream_config, first, rest, handed_over):
     """The server's first event can share a TCP segment with its 101 response."""
-    import base64
-    import hashlib
     import socket as socket_lib
+
+    from websockets.utils import accept_key
 
     listener = socket_lib.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
@@ -279,9 +279,7 @@ def test_frames_arriving_with_the_handshake_response(stream_config, first, rest,
             for line in request.split(b"\r\n")
             if line.lower().startswith(b"sec-websocket-key")
         )
-        accept = base64.b64encode(
-            hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
-        )
+        accept = accept_key(key.decode()).encode()
         conn.sendall(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
             b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n" + first
