@@ -316,7 +316,7 @@ class Relay:
         try:
             while True:
                 raw = self.model.recv_bytes()
-                if AUDIO_DELTA in raw[:AUDIO_DELTA_WITHIN]:
+                if raw.find(AUDIO_DELTA, 0, AUDIO_DELTA_WITHIN) >= 0:
                     text = raw.decode()
                     item_id, delta = _field(text, '"item_id":"'), _field(text, '"delta":"')
                     if item_id and delta:
