@@ -33,9 +33,9 @@ ENDED_STATUSES = {
 
 
 def ended_by(meta: dict[str, str]) -> str:
-    """How a call ended: the reason the app recorded, or what Twilio's final status says."""
-    status = meta.get("status", "")
-    return meta.get("end_reason") or ENDED_STATUSES.get(status, status or "unknown")
+    """How a call ended: the reason the app recorded, or what Twilio's final status
+    says; "" while it has not ended."""
+    return meta.get("end_reason") or ENDED_STATUSES.get(meta.get("status", ""), "")
 
 
 @dataclass(frozen=True)

@@ -184,9 +184,10 @@ def _transcript(args) -> int:
             json.dumps({"call_sid": args.call_sid, "meta": meta, "transcript": entries}, indent=2)
         )
         return 0
+    ending = ended_by(meta)
     print(
         f"call {args.call_sid} from {meta.get('from', '?')} to {meta.get('to', '?')}, "
-        f"status {meta.get('status', '?')}, ended by {ended_by(meta)}"
+        f"status {meta.get('status', '?')}, " + (f"ended by {ending}" if ending else "not ended")
     )
     for entry in entries:
         print(f"[{_clock(entry.get('ts'))}] {_who(entry)}: {entry.get('content', '')}")

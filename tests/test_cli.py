@@ -247,6 +247,8 @@ def test_transcript_prints_a_call(env, monkeypatch, capsys, client, fake_openai)
     call = TwilioCall(client)
     call.start()
     call.say("Where is my order?")
+    code, out, _ = run(monkeypatch, capsys, ["transcript", call.sid])
+    assert out.splitlines()[0].endswith("not ended")  # still in progress
     call.hang_up()
     code, out, _ = run(monkeypatch, capsys, ["transcript", call.sid])
     assert code == 0
