@@ -54,7 +54,10 @@ class FailoverRetry(Retry):
                 if is_retryable and not is_retryable(error):
                     raise
                 failures += 1
-                fail(error, failures) if with_failure_count else fail(error)
+                if with_failure_count:
+                    fail(error, failures)
+                else:
+                    fail(error)
                 wait = self._backoff.compute(failures)
                 if time.monotonic() + wait > give_up:
                     raise

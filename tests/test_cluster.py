@@ -23,6 +23,9 @@ from ivr.cli import main as ivr_main
 from .conftest import LiveServer
 from .fakes.redis_cluster import start_cluster
 from .test_streaming import open_stream
+from .test_streaming import (
+    test_fallback_continues_in_gather_mode_with_the_whole_history as stream_falls_back,
+)
 from .twilio_sim import TwilioCall, new_sid, spoken
 from .waiting import wait_for
 
@@ -159,24 +162,8 @@ def test_the_breaker_is_shared_through_the_cluster(cluster_live, cluster_client,
 def test_a_stream_falls_back_to_gather_with_its_history(
     cluster_live, fake_openai, prompts_dir, no_redis_errors
 ):
-    fake_openai.realtime.response_ms = 300
-    fake_openai.realtime.answers = ["Welcome to the bakery."]
-    sid = new_sid()
-    call = TwilioCall(cluster_live.app.test_client(), sid=sid)
-    call.start()
-    media = open_stream(cluster_live, sid=sid)
-    media.talk([("silence", 600), ("speech", 400), ("silence", 500)])
-    store = cluster_live.app.extensions["ivr"].store
-    assert wait_for(lambda: len(store.transcript(sid)) >= 2)
-    fake_openai.realtime.drop_after_seconds = 0
-    media.talk([("silence", 100)])
-    assert media.wait_closed(timeout=5)
-    root = call.post("/stream-ended")
-    assert spoken(root) == [(prompts_dir / "stream_fallback.txt").read_text().strip()]
-    call.say("What did I just say?")
-    contents = [m["content"] for m in fake_openai.chat_requests[-1]["messages"][1:]]
-    assert contents[:2] == ["Welcome to the bakery.", "caller turn 1"]
-    assert contents[-1] == "What did I just say?"
+    # The streaming tests' own scenario, on the cluster.
+    stream_falls_back(cluster_live, fake_openai, prompts_dir)
 
 
 def test_ivr_check_reports_the_cluster(cluster_config):
