@@ -1,6 +1,6 @@
 """Scaling benchmark: one app instance against three, on one Redis.
 
-    scripts/bench scale                        # 40 callers, 0.2 s LLM, 15 s per setup
+    scripts/bench scale                        # 20 callers, 0.2 s LLM, 15 s per setup
     scripts/bench scale --callers 80 --seconds 20 --llm-delay 0.5
 
 N callers talk at once, each posting its next Gather turn as soon as the last
@@ -20,6 +20,7 @@ LLM, Redis and the app instances share its cores.
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
 import threading
@@ -56,12 +57,26 @@ def start_llm(svc: Services, delay: float) -> str:
     raise SystemExit("the fake LLM did not start")
 
 
-def redis_counters(client: redis.Redis) -> tuple[int, float, dict[str, int]]:
-    """(commands served, Redis CPU seconds, calls by command) so far."""
+def redis_counters(client: redis.Redis) -> tuple[int, float, float, dict[str, int]]:
+    """(commands served, Redis CPU seconds, seconds inside commands, calls by command)."""
     stats = client.info("commandstats")
     cpu = client.info("cpu")
     by_command = {name.removeprefix("cmdstat_"): v["calls"] for name, v in stats.items()}
-    return sum(by_command.values()), cpu["used_cpu_user"] + cpu["used_cpu_sys"], by_command
+    inside = sum(v["usec"] for v in stats.values()) / 1e6
+    return (
+        sum(by_command.values()),
+        cpu["used_cpu_user"] + cpu["used_cpu_sys"],
+        inside,
+        by_command,
+    )
+
+
+def idle_cpu_rate(client: redis.Redis, seconds: float = 3.0) -> float:
+    """Redis CPU seconds per second with no calls (its timers, the instances' pings)."""
+    _, before, _, _ = redis_counters(client)
+    time.sleep(seconds)
+    _, after, _, _ = redis_counters(client)
+    return (after - before) / seconds
 
 
 def run_load(urls: list[str], callers: int, seconds: float, redis_url: str, tag: str) -> dict:
@@ -92,9 +107,11 @@ def run_load(urls: list[str], callers: int, seconds: float, redis_url: str, tag:
                     raise RuntimeError(f"turn {n}: HTTP {r.status_code} {r.text[:200]}")
                 return elapsed
 
-            for n in range(1, 4):  # warm-up on every instance: imports, connections
-                turn(n)
-            ready.wait(timeout=300)
+            try:
+                for n in range(1, 4):  # warm-up on every instance: imports, connections
+                    turn(n)
+            finally:
+                ready.wait(timeout=300)  # a failed caller still lets the others start
             go.wait()
             n = 3
             while time.monotonic() < stop_at[0]:
@@ -110,14 +127,15 @@ def run_load(urls: list[str], callers: int, seconds: float, redis_url: str, tag:
     with ThreadPoolExecutor(max_workers=callers) as pool:
         futures = [pool.submit(caller, i) for i in range(callers)]
         ready.wait(timeout=300)  # every call greeted and warm; only turns are measured
-        commands_0, cpu_0, by_0 = redis_counters(client)
+        idle = idle_cpu_rate(client)
+        commands_0, cpu_0, inside_0, by_0 = redis_counters(client)
         started = time.monotonic()
         stop_at[0] = started + seconds
         go.set()
         for future in futures:
             future.result()
         elapsed = time.monotonic() - started
-    commands_1, cpu_1, by_1 = redis_counters(client)
+    commands_1, cpu_1, inside_1, by_1 = redis_counters(client)
     # Memory a call's turns keep in Redis (transcript, stored answers, state),
     # per turn, over the longest call of the run.
     sid = f"CA{tag}{0:031x}"
@@ -136,7 +154,9 @@ def run_load(urls: list[str], callers: int, seconds: float, redis_url: str, tag:
         "p99": pct(turn_times, 99) if turns else 0.0,
         # INFO itself is counted once per snapshot; leave those two out.
         "commands_per_turn": (commands_1 - commands_0 - 2) / turns if turns else 0.0,
-        "redis_cpu_per_turn": (cpu_1 - cpu_0) / turns if turns else 0.0,
+        # The turns' share of Redis's CPU: what it used minus what it uses idle.
+        "redis_cpu_per_turn": (cpu_1 - cpu_0 - idle * elapsed) / turns if turns else 0.0,
+        "redis_inside_per_turn": (inside_1 - inside_0) / turns if turns else 0.0,
         "bytes_per_turn": call_bytes / call_turns,
         "by_command": {k: v for k, v in sorted(per_turn.items()) if v >= 0.01 and k != "info"},
     }
@@ -144,14 +164,16 @@ def run_load(urls: list[str], callers: int, seconds: float, redis_url: str, tag:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--callers", type=int, default=40)
+    parser.add_argument("--callers", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--llm-delay", type=float, default=0.2)
     args = parser.parse_args()
 
     svc = Services()
+    first_instance = len(svc.procs)
     try:
         llm_url = start_llm(svc, args.llm_delay)
+        first_instance = len(svc.procs)  # the app instances come after the fake LLM
         env = {"OPENAI_BASE_URL": llm_url}
         one = [svc.gunicorn("app:app", workers=1, env=env)]
         three = [svc.gunicorn("app:app", workers=1, env=env) for _ in range(3)]
@@ -169,7 +191,8 @@ def main() -> None:
                 f"({r['turns']} turns, {len(r['errors'])} errors), "
                 f"turn p50 {ms(r['p50'])} p99 {ms(r['p99'])}; "
                 f"Redis: {r['commands_per_turn']:.2f} commands and "
-                f"{r['redis_cpu_per_turn'] * 1e6:.0f} us CPU per turn, "
+                f"{r['redis_cpu_per_turn'] * 1e6:.0f} us CPU per turn "
+                f"({r['redis_inside_per_turn'] * 1e6:.0f} us inside commands), "
                 f"{r['bytes_per_turn'] / 1024:.1f} KiB kept per turn"
             )
             print(
@@ -187,6 +210,8 @@ def main() -> None:
                 f"about {1 / cpu:,.0f} turns/s before Redis itself is the limit"
             )
     finally:
+        for proc in svc.procs[first_instance:]:
+            proc.send_signal(signal.SIGQUIT)  # gunicorn's quick shutdown
         svc.close()
 
 

@@ -63,12 +63,6 @@ class Instance:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)  # gunicorn's quick shutdown: no 20 s grace
-            self.proc.wait(timeout=20)
-
-
 def start_instances(env: dict, count: int, logs: Path) -> list[Instance]:
     instances = [Instance(env, logs / f"instance-{i}.log") for i in range(count)]
     deadline = time.monotonic() + 60  # they boot together on a shared machine
@@ -100,7 +94,7 @@ def instances(redis_url, _fake_openai_server, tmp_path_factory):
     running = start_instances(env, 3, tmp_path_factory.mktemp("instances"))
     yield running
     for instance in running:
-        instance.stop()
+        instance.kill()  # test servers: nothing to finish gracefully
 
 
 class RoundRobinTwilio:
