@@ -63,6 +63,7 @@ class Instance:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
 
+
 def start_instances(env: dict, count: int, logs: Path) -> list[Instance]:
     instances = [Instance(env, logs / f"instance-{i}.log") for i in range(count)]
     deadline = time.monotonic() + 60  # they boot together on a shared machine
