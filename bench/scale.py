@@ -162,11 +162,49 @@ def run_load(urls: list[str], callers: int, seconds: float, redis_url: str, tag:
     }
 
 
+def redis_per_turn(redis_url: str, turns: int, threads: int) -> dict:
+    """A Gather turn's Redis work, replayed through the app's own CallStore as fast
+    as `threads` threads go: Redis CPU per turn, measured over thousands of turns
+    so that Redis's idle CPU and the machine's other work hardly count."""
+    from ivr.calls import CallStore
+
+    store = CallStore(redis.Redis.from_url(redis_url), history_max=20, ttl=3600, retention=3600)
+    client = redis.Redis.from_url(redis_url)
+    answer = {"kind": "answer", "text": "You said: question", "next": 2}
+
+    def call(i: int) -> None:
+        sid = f"CAr{i:031x}"
+        store.start(sid, caller="+15550000000", callee="+15551111111")
+        for n in range(1, turns // threads + 1):
+            store.begin_turn(sid, n, 20)
+            store.record_caller(sid, f"question {n} " + "word " * 8)
+            store.end_turn(sid, n, answer, [{"role": "assistant", "content": "word " * 30}])
+
+    idle = idle_cpu_rate(client)
+    commands_0, cpu_0, inside_0, _ = redis_counters(client)
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(call, range(threads)))
+    elapsed = time.monotonic() - started
+    commands_1, cpu_1, inside_1, _ = redis_counters(client)
+    done = threads * (turns // threads)
+    client.close()
+    store.redis.close()
+    return {
+        "turns": done,
+        "turns_per_s": done / elapsed,
+        "commands_per_turn": (commands_1 - commands_0 - 2 - 2 * threads) / done,
+        "cpu_per_turn": (cpu_1 - cpu_0 - idle * elapsed) / done,
+        "inside_per_turn": (inside_1 - inside_0) / done,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--callers", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--llm-delay", type=float, default=0.2)
+    parser.add_argument("--replay-turns", type=int, default=4000)
     args = parser.parse_args()
 
     svc = Services()
@@ -203,15 +241,27 @@ def main() -> None:
                 print(f"    error: {line}")
         ratio = results[1]["turns_per_s"] / results[0]["turns_per_s"]
         print(f"  three instances / one: {ratio:.2f}x the turns per second")
-        cpu = max(r["redis_cpu_per_turn"] for r in results)
-        if cpu:
-            print(
-                f"  one Redis process (one core) at {cpu * 1e6:.0f} us per turn: "
-                f"about {1 / cpu:,.0f} turns/s before Redis itself is the limit"
-            )
+        replay = redis_per_turn(svc.redis_url, args.replay_turns, 8)
+        print(
+            f"Redis alone: {replay['turns']} turns' Redis work replayed through CallStore "
+            f"by 8 threads, {replay['turns_per_s']:.0f} turns/s (the Python client's limit); "
+            f"{replay['commands_per_turn']:.1f} commands, Redis CPU "
+            f"{replay['cpu_per_turn'] * 1e6:.0f} us per turn "
+            f"({replay['inside_per_turn'] * 1e6:.0f} us inside commands)"
+        )
+        print(
+            f"  one Redis process (one core) at {replay['cpu_per_turn'] * 1e6:.0f} us per turn: "
+            f"about {1 / replay['cpu_per_turn']:,.0f} turns/s before Redis itself is the limit"
+        )
     finally:
         for proc in svc.procs[first_instance:]:
             proc.send_signal(signal.SIGQUIT)  # gunicorn's quick shutdown
+        for proc in svc.procs[first_instance:]:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         svc.close()
 
 
