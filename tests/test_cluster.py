@@ -229,3 +229,14 @@ def test_with_the_cluster_unreachable_the_app_starts_and_turns_answer(config, fa
     started = time.monotonic()
     assert spoken(call.say("Hello?")) == ["You said: Hello?"]
     assert time.monotonic() - started < 15
+
+
+def test_redis_cluster_needs_a_node_url(config):
+    from ivr.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError) as info:
+        load_settings({}, {**config, "REDIS_URL": "", "REDIS_CLUSTER": "true"})
+    assert info.value.problems == [
+        "REDIS_CLUSTER=true needs REDIS_URL to name one node of the cluster "
+        "(redis:// or rediss://)."
+    ]
