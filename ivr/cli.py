@@ -152,7 +152,7 @@ def _test(args) -> int:
             junit=Path(args.junit) if args.junit else None,
         )
     except SuiteError as exc:
-        return _fail(str(exc))
+        return _fail(str(exc).replace("\n", "\nivr: "))  # one line per problem
     return 0 if passed else 1
 
 

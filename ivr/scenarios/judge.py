@@ -8,6 +8,7 @@ verdict {"pass": true|false, "reason": "..."}.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 import openai
@@ -42,14 +43,22 @@ class Judge:
         self.model = model
 
     @classmethod
-    def from_settings(cls, api_key: str, base_url: str, model: str) -> Judge:
-        client = openai.OpenAI(
-            api_key=api_key or None,
-            base_url=base_url or None,
-            timeout=JUDGE_TIMEOUT_SECONDS,
-            max_retries=JUDGE_RETRIES,
+    def from_environment(cls) -> Judge:
+        """The model the app would use (OPENAI_API_KEY, OPENAI_BASE_URL, OPENAI_MODEL)."""
+        from ..config import Settings
+
+        try:
+            client = openai.OpenAI(timeout=JUDGE_TIMEOUT_SECONDS, max_retries=JUDGE_RETRIES)
+        except openai.OpenAIError as exc:  # no API key
+            raise JudgeError(f"no judge model: {exc}") from exc
+        return cls(client, os.environ.get("OPENAI_MODEL") or Settings.openai_model)
+
+    @classmethod
+    def sharing(cls, client: openai.OpenAI, model: str) -> Judge:
+        """A judge on the app's own client (its connections), with the judge's timeouts."""
+        return cls(
+            client.with_options(timeout=JUDGE_TIMEOUT_SECONDS, max_retries=JUDGE_RETRIES), model
         )
-        return cls(client, model)
 
     def close(self) -> None:
         self.client.close()

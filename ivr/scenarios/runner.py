@@ -219,7 +219,7 @@ class ScenarioRun:
         quoted = f'"{said}"' if said else "nothing"
         for text in expect.contains:
             if text.lower() not in said.lower():
-                return self._fail(step, f'the agent to say "{text}"', f"the agent said {quoted}")
+                return self._fail(step, f'the agent to say "{text}"', f"it said {quoted}")
         for text in expect.not_contains:
             if text.lower() in said.lower():
                 return self._fail(step, f'the agent not to say "{text}"', f"it said {quoted}")

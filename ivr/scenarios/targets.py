@@ -2,39 +2,15 @@
 
 from __future__ import annotations
 
-import os
-
-import openai
-
-from ..config import ConfigError, Settings
+from ..config import ConfigError, load_settings
 from ..simulator import in_process, over_http
-from .judge import Judge, JudgeError
+from .judge import Judge
 from .runner import Connection
 from .spec import Scenario
 
 
 class SetupError(Exception):
-    """A scenario's run could not start (its settings are refused)."""
-
-
-class Judges:
-    """One judge per model configuration, made on first use and closed at the end."""
-
-    def __init__(self):
-        self._made: dict[tuple[str, str, str], Judge] = {}
-
-    def get(self, api_key: str, base_url: str, model: str) -> Judge:
-        key = (api_key, base_url, model)
-        if key not in self._made:
-            try:
-                self._made[key] = Judge.from_settings(api_key, base_url, model)
-            except openai.OpenAIError as exc:
-                raise JudgeError(f"no judge model: {exc}") from exc
-        return self._made[key]
-
-    def close(self) -> None:
-        for judge in self._made.values():
-            judge.close()
+    """A scenario's run could not start (the app refused its settings or prompts)."""
 
 
 class InProcess:
@@ -43,12 +19,11 @@ class InProcess:
     base_url = "http://localhost"
 
     def __init__(self):
-        self.judges = Judges()
         self._apps: dict[tuple, object] = {}
 
     def start(self) -> None:
-        """Build the app with the environment's settings; raises ConfigError."""
-        self._app({})
+        """Check the environment's settings before any scenario runs; raises ConfigError."""
+        load_settings()
 
     def _app(self, settings: dict[str, str]):
         from .. import create_app
@@ -62,19 +37,21 @@ class InProcess:
         try:
             app = self._app(scenario.settings)
         except ConfigError as exc:
-            raise SetupError(f"its settings are refused: {' '.join(exc.problems)}") from exc
+            raise SetupError(f"the app did not start: {' '.join(exc.problems)}") from exc
         services = app.extensions["ivr"]
-        s = services.settings
         return Connection(
             post=in_process(app),
             base_url=self.base_url,
-            auth_token=s.twilio_auth_token,
+            auth_token=services.settings.twilio_auth_token,
             store=services.store,
-            judge=lambda: self.judges.get(s.openai_api_key, s.openai_base_url, s.openai_model),
+            judge=lambda: Judge.sharing(services.openai, services.settings.openai_model),
         )
 
     def close(self) -> None:
-        self.judges.close()
+        for app in self._apps.values():
+            services = app.extensions["ivr"]
+            services.openai.close()
+            services.redis.close()
 
 
 class Deployment:
@@ -84,7 +61,7 @@ class Deployment:
         self.url = url.rstrip("/")
         self.auth_token = auth_token
         self.post = over_http()
-        self.judges = Judges()
+        self._judge: Judge | None = None
 
     def start(self) -> None:
         pass
@@ -94,19 +71,20 @@ class Deployment:
         if scenario.settings:
             names = ", ".join(sorted(scenario.settings))
             notes.append(f"settings ({names}) not applied: the deployment uses its own")
-        env = os.environ
         return Connection(
             post=self.post,
             base_url=self.url,
             auth_token=self.auth_token,
             store=None,
-            judge=lambda: self.judges.get(
-                env.get("OPENAI_API_KEY", ""),
-                env.get("OPENAI_BASE_URL", ""),
-                env.get("OPENAI_MODEL") or Settings.openai_model,
-            ),
+            judge=self._judge_once,
             notes=notes,
         )
 
+    def _judge_once(self) -> Judge:
+        if self._judge is None:
+            self._judge = Judge.from_environment()
+        return self._judge
+
     def close(self) -> None:
-        self.judges.close()
+        if self._judge is not None:
+            self._judge.close()

@@ -185,6 +185,8 @@ class FakeOpenAI:
         with self._lock:
             if self._script:
                 return self._script.popleft()
+            if body["messages"][-1]["role"] != "user":
+                return None  # a tool's result came back: answer it in words
             words = last_user_words(body).lower()
             if is_json_mode(body):
                 rules = self._verdicts
