@@ -12,6 +12,7 @@ from ivr import create_app
 from ivr.cli import main
 from ivr.scenarios import ScenarioError, load
 from ivr.scenarios.spec import EXPECTATIONS
+from ivr.scenarios.targets import InProcess
 
 from .conftest import LiveServer
 from .fakes.openai_server import CallTool, Reply, Verdict
@@ -321,3 +322,30 @@ def test_the_shipped_scenarios_are_valid():
         "transfer_key",
         "end_call",
     }
+
+
+def test_test_calls_send_no_end_of_call_reports(env, monkeypatch):
+    monkeypatch.setenv("END_OF_CALL_WEBHOOK_URL", "https://reports.example.com/calls")
+    monkeypatch.setenv("END_OF_CALL_WEBHOOK_SECRET", "a-secret")
+    target = InProcess()
+    try:
+        assert create_app().extensions["ivr"].conversation.reports is not None
+        assert target.app({}).extensions["ivr"].conversation.reports is None
+        assert (
+            target.app({"TRANSFER_NUMBER": "+15550100002"}).extensions["ivr"].conversation.reports
+            is None
+        )
+    finally:
+        target.close()
+
+
+def test_configuration_problems_are_one_sentence(env, monkeypatch, capsys, tmp_path):
+    path = write(tmp_path, "limit.yaml", "settings: {REPROMPT_LIMIT: lots}\nsteps: [silence]\n")
+    code, out, _ = ivr_test(capsys, path)
+    assert code == 1
+    assert "the call: expected the scenario to start" in out
+    assert "got: the app did not start: REPROMPT_LIMIT" in out
+    monkeypatch.delenv("OPENAI_API_KEY")
+    code, out, err = ivr_test(capsys, path)
+    assert (code, out) == (2, "")
+    assert err.startswith("ivr: OPENAI_API_KEY is missing")

@@ -8,6 +8,8 @@ from .judge import Judge
 from .runner import Connection
 from .spec import Scenario
 
+NO_REPORTS = {"END_OF_CALL_WEBHOOK_URL": ""}
+
 
 class SetupError(Exception):
     """A scenario's run could not start (the app refused its settings or prompts)."""
@@ -25,17 +27,19 @@ class InProcess:
         """Check the environment's settings before any scenario runs; raises ConfigError."""
         load_settings()
 
-    def _app(self, settings: dict[str, str]):
+    def app(self, settings: dict[str, str]):
+        """The app for a scenario's settings, built once."""
         from .. import create_app
 
         key = tuple(sorted(settings.items()))
         if key not in self._apps:
-            self._apps[key] = create_app(settings or None)
+            # Test calls send no end-of-call reports to the real receiver.
+            self._apps[key] = create_app({**NO_REPORTS, **settings})
         return self._apps[key]
 
     def connect(self, scenario: Scenario) -> Connection:
         try:
-            app = self._app(scenario.settings)
+            app = self.app(scenario.settings)
         except ConfigError as exc:
             raise SetupError(f"the app did not start: {' '.join(exc.problems)}") from exc
         services = app.extensions["ivr"]
