@@ -324,17 +324,19 @@ def test_the_shipped_scenarios_are_valid():
     }
 
 
-def test_test_calls_send_no_end_of_call_reports(env, monkeypatch):
+def test_test_calls_send_no_reports_and_use_gather_mode(env, monkeypatch):
     monkeypatch.setenv("END_OF_CALL_WEBHOOK_URL", "https://reports.example.com/calls")
     monkeypatch.setenv("END_OF_CALL_WEBHOOK_SECRET", "a-secret")
+    monkeypatch.setenv("STREAMING_ENABLED", "true")
+    monkeypatch.setenv("TWILIO_ACCOUNT_SID", "AC" + "0" * 32)
+    deployed = create_app().extensions["ivr"]
+    assert deployed.conversation.reports is not None and deployed.settings.streaming_enabled
     target = InProcess()
     try:
-        assert create_app().extensions["ivr"].conversation.reports is not None
-        assert target.app({}).extensions["ivr"].conversation.reports is None
-        assert (
-            target.app({"TRANSFER_NUMBER": "+15550100002"}).extensions["ivr"].conversation.reports
-            is None
-        )
+        for settings in ({}, {"TRANSFER_NUMBER": "+15550100002"}):
+            services = target.app(settings).extensions["ivr"]
+            assert services.conversation.reports is None
+            assert not services.settings.streaming_enabled
     finally:
         target.close()
 

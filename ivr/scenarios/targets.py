@@ -8,7 +8,10 @@ from .judge import Judge
 from .runner import Connection
 from .spec import Scenario
 
-NO_REPORTS = {"END_OF_CALL_WEBHOOK_URL": ""}
+# Test calls send no end-of-call reports to the real receiver, and use Gather
+# mode: the simulator carries no audio for a media stream. A scenario's own
+# settings may still turn either on.
+IN_PROCESS_DEFAULTS = {"END_OF_CALL_WEBHOOK_URL": "", "STREAMING_ENABLED": "false"}
 
 
 class SetupError(Exception):
@@ -33,8 +36,7 @@ class InProcess:
 
         key = tuple(sorted(settings.items()))
         if key not in self._apps:
-            # Test calls send no end-of-call reports to the real receiver.
-            self._apps[key] = create_app({**NO_REPORTS, **settings})
+            self._apps[key] = create_app({**IN_PROCESS_DEFAULTS, **settings})
         return self._apps[key]
 
     def connect(self, scenario: Scenario) -> Connection:
