@@ -67,6 +67,11 @@ def test_the_shipped_scenarios_pass(env, monkeypatch, capsys, tmp_path, fake_ope
     judged = fake_openai.judge_requests
     assert len(judged) == sum(p.read_text().count("judge:") for p in SHIPPED)
     assert {body["model"] for body in judged} == {"fake-model"}
+    # A passing verdict is printed with its reason too.
+    assert (
+        'judge, step 1: pass: "The agent greets the caller and offers to help.": '
+        "the fake judge agrees" in out
+    )
     ending = next(c for c in cases if c.get("classname") == "scenarios.end_call")
     assert "[agent calls end_call({})]" in ending.find("system-out").text
 
