@@ -47,6 +47,13 @@ class CallTool:
 
 
 @dataclass
+class RawMessage:
+    """Answer with this assistant message as is: what a lax compatible server sends."""
+
+    message: dict
+
+
+@dataclass
 class Hang:
     """Accept the request and never answer (until the test ends)."""
 
@@ -143,6 +150,8 @@ class FakeOpenAI:
                     ],
                 }
                 return jsonify(self._completion(body["model"], message=message))
+            if isinstance(behaviour, RawMessage):
+                return jsonify(self._completion(body["model"], message=behaviour.message))
             if isinstance(behaviour, Reply):
                 time.sleep(behaviour.delay)
                 text = behaviour.text
