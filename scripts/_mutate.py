@@ -52,7 +52,9 @@ EXCLUDED_OPERATORS = [
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="scripts/mutate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("modules", nargs="*", help=f"modules of ivr/ (default: {' '.join(DEFAULT)})")
+    parser.add_argument(
+        "modules", nargs="*", help=f"modules of ivr/ (default: {' '.join(DEFAULT)})"
+    )
     parser.add_argument("--list", action="store_true", help="print modules and their tests")
     parser.add_argument(
         "--timeout", type=float, default=120.0, help="seconds a mutant's test run may take"
@@ -71,7 +73,7 @@ def main() -> int:
     for module in modules:
         scores[module] = run_module(module, args.timeout)
     print("\nmutation score (caught / run):")
-    for module, (caught, total, survivors) in scores.items():
+    for module, (caught, total, _) in scores.items():
         pct = 100.0 * caught / total if total else 100.0
         print(f"  ivr/{module}.py  {caught}/{total}  {pct:.1f}%")
     return 0 if all(c == t or 100.0 * c / t >= TARGET for c, t, _ in scores.values()) else 1
