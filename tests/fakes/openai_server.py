@@ -52,6 +52,13 @@ class CallTool:
 
 
 @dataclass
+class RawMessage:
+    """Answer with this assistant message as is: what a lax compatible server sends."""
+
+    message: dict
+
+
+@dataclass
 class Hang:
     """Accept the request and never answer (until the test ends)."""
 
@@ -231,6 +238,8 @@ class FakeOpenAI:
                 return jsonify(
                     self._completion(body["model"], message=message, finish_reason="tool_calls")
                 )
+            if isinstance(behaviour, RawMessage):
+                return jsonify(self._completion(body["model"], message=behaviour.message))
             if isinstance(behaviour, Verdict):
                 text = json.dumps({"pass": behaviour.passed, "reason": behaviour.reason})
             elif isinstance(behaviour, Reply):
