@@ -36,10 +36,10 @@ def twilio_webhook(view):
             answer = view(sid, *args, **kwargs)
             if isinstance(answer, dict):
                 answer = render_result(answer, get_services().settings)
+            return twiml.render(answer)
         except Exception:
             log.exception("call %s: unexpected error in %s", sid, request.path)
-            answer = _apology()
-        return twiml.render(answer)
+            return twiml.render(_apology())
 
     return wrapper
 
