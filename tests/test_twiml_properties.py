@@ -72,6 +72,9 @@ def check_twiml(response) -> ET.Element:
         assert {child.tag for child in element} <= allowed, (element.tag, list(element))
         if element.tag == "Say":
             assert (element.text or "").strip(), "Twilio refuses an empty <Say>"
+        if element.tag == "Gather":
+            # Every Gather is numbered, so a repeated delivery is recognised.
+            assert re.fullmatch(r"/process-speech\?turn=\d+", element.get("action"))
     return root
 
 
