@@ -24,6 +24,7 @@ class WebhookReceiver:
         self.status = 200  # what the next requests get when they verify
         self.attempts: list[dict] = []  # every request, verified or not
         self.messages: dict[str, dict] = {}  # webhook-id -> the report, once
+        self.accepted: list[str] = []  # the webhook-id of every request answered 2xx
         self._lock = threading.Lock()
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self.server = make_server("127.0.0.1", 0, self._app(), threaded=True)
@@ -63,6 +64,7 @@ class WebhookReceiver:
                     return "down", self.status
                 # Retries carry the same webhook-id: a receiver keeps the first.
                 self.messages.setdefault(request.headers["webhook-id"], report)
+                self.accepted.append(request.headers["webhook-id"])
             return "", 204
 
         return app
