@@ -9,6 +9,8 @@ while the receiver is down, and any worker on any dyno can send it:
     ivr:{reports}:attempts  hash: CallSid -> attempts made so far
     ivr:{reports}:dead      sorted set: CallSid -> when its delivery was given up
 
+(One hash tag for the three, so their transactions stay in one slot of a Redis Cluster.)
+
 Every worker runs a sender thread. A sender takes a due report by pushing its
 due time one lease ahead (a WATCH transaction, so only one sender takes it); if
 that sender dies mid-attempt, the report falls due again when the lease ends.
