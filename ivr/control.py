@@ -162,6 +162,10 @@ class StreamControl:
         elif digit == settings.dtmf_repeat_key:
             last = self.control.last_agent_line(relay.call_sid)
             relay.say(last or self.control.prompts.line("reprompt"))
+        else:
+            # As in Gather mode: any other key is the caller's turn, in words.
+            self.last_activity = self.clock()
+            relay.tell(f"(The caller pressed {digit} on the keypad.)")
 
     def on_function_call(self, call_id: str, name: str, arguments: str) -> None:
         # Tools may be slow: run them off the model's loop so audio keeps flowing.

@@ -249,3 +249,47 @@ def test_the_turn_limit_ends_a_streaming_call(serve, fake_openai, twilio_api, pr
     twiml = updates(twilio_api)[0][1]
     assert twiml.find("Say").text == (prompts_dir / "turn_limit.txt").read_text().strip()
     assert twiml.find("Hangup") is not None
+
+
+def test_the_repeat_key_during_the_greeting_is_spoken_once_the_greeting_is_done(
+    serve, fake_openai, twilio_api
+):
+    """The service refuses a second response while one is active: the relay waits its turn."""
+    live = serve()
+    fake_openai.realtime.response_ms = 1500
+    media = open_stream(live)
+    assert wait_for(lambda: fake_openai.events("fake.response_started"))  # the greeting
+    media.press("*")
+    assert wait_for(lambda: len(fake_openai.events("fake.response_started")) == 2, timeout=6)
+    media.hang_up()
+    greeting, repeat = fake_openai.events("fake.response_started")
+    assert repeat["instructions"].startswith("Say exactly this and nothing else: ")
+    assert fake_openai.events("fake.error_sent") == []  # never refused
+    assert not media.wait_closed(0)  # and the call went on
+
+
+def test_other_keys_reach_the_model_as_in_gather_mode(serve, fake_openai, twilio_api):
+    live = serve(TRANSFER_NUMBER="+15557654321")
+    fake_openai.realtime.response_ms = 200
+    media = open_stream(live)
+    assert wait_for(lambda: fake_openai.events("session.update"))
+    time.sleep(0.6)  # the greeting is done
+    media.press("5")
+    assert wait_for(
+        lambda: [
+            e
+            for e in fake_openai.events("conversation.item.create")
+            if e["item"].get("role") == "user"
+        ]
+    )
+    assert wait_for(lambda: len(fake_openai.events("fake.response_started")) == 2)
+    media.hang_up()
+    (keyed,) = [
+        e["item"]
+        for e in fake_openai.events("conversation.item.create")
+        if e["item"].get("role") == "user"
+    ]
+    assert keyed["content"] == [
+        {"type": "input_text", "text": "(The caller pressed 5 on the keypad.)"}
+    ]
+    assert updates(twilio_api) == []
