@@ -452,6 +452,13 @@ class Relay:
         if respond:
             self.request_response()
 
+    def end_call(self, outcome: str) -> None:
+        """Call control moved the call: close the stream; its <Connect action> takes over."""
+        log.info("call %s: closing the stream (%s)", self.call_sid or "?", outcome)
+        self.outcome = outcome
+        self._stopping = True
+        _close_quietly(self.twilio)
+
     # -- shared ------------------------------------------------------------------------
 
     def record(self, role: str, text: str, **extra) -> None:
