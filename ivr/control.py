@@ -206,8 +206,8 @@ class StreamControl:
         if digit == settings.dtmf_transfer_key and settings.transfer_number:
             self._transfer()
         elif digit == settings.dtmf_repeat_key:
-            last = self.control.last_agent_line(relay.call_sid)
-            relay.say(last or self.control.prompts.line("reprompt"))
+            # The last line is read from Redis: not in the loop that reads Twilio's audio.
+            threading.Thread(target=self._repeat, daemon=True, name="repeat-key").start()
         else:
             # As in Gather mode: any other key is the caller's turn, in words.
             self.last_activity = self.clock()
@@ -221,10 +221,30 @@ class StreamControl:
 
     # -- actions ---------------------------------------------------------------------------------
 
+    def _repeat(self) -> None:
+        relay = self.relay
+        last = self.control.last_agent_line(relay.call_sid)
+        if self._stop.is_set():
+            return  # the call ended while Redis answered
+        try:
+            relay.say(last or self.control.prompts.line("reprompt"))
+        except Exception as exc:  # the model went away meanwhile; the relay falls back
+            log.info("call %s: repeat not sent: %s", relay.call_sid, exc)
+
     def _run_tool(self, call_id: str, name: str, arguments: str) -> None:
         relay = self.relay
         output, action = self.control.run_tool(relay.call_sid, relay.caller, name, arguments)
         relay.record("tool", output, name=name, arguments=arguments, call_id=call_id)
+        if self._stop.is_set():
+            log.info("call %s: tool %s finished after the stream ended", relay.call_sid, name)
+            return
+        try:
+            self._use_tool_output(call_id, output, action)
+        except Exception as exc:  # the stream or the model ended meanwhile
+            log.info("call %s: tool %s output not delivered: %s", relay.call_sid, name, exc)
+
+    def _use_tool_output(self, call_id: str, output: str, action: dict | None) -> None:
+        relay = self.relay
         if action and action["type"] == "transfer":
             relay.send_tool_output(call_id, output, respond=False)
             self._transfer()

@@ -29,12 +29,14 @@ from dataclasses import dataclass, field
 
 from .calls import CallStore
 from .playback import Playback
+from .writer import CallWriter
 
 log = logging.getLogger(__name__)
 
 MAX_EARLY_FRAMES = 250  # caller audio kept while the model connects: 5 s of 20 ms frames
 WAIT_TICK = 0.05  # how often the caller's loop looks at the model while it connects
 NO_START_GRACE = 3.0  # seconds past the connect budget to wait for Twilio's `start`
+HISTORY_WAIT = 0.5  # how long the greeting waits for the call's history from Redis
 # Most model events are audio deltas: they are forwarded without a JSON parse
 # when their type is near the start (after at most an event_id).
 AUDIO_DELTA = b'"type":"response.output_audio.delta"'
@@ -98,6 +100,12 @@ class Relay:
         self._requests: dict[str, str] = {}  # event_id -> our response.create in flight
         self._request_seq = 0
         self._reader: threading.Thread | None = None
+        # Redis is kept off the audio loops: writes go through the call's
+        # writer, and the history is read while the model connects.
+        self.writer = CallWriter()
+        self._history_loaded = threading.Event()
+        self._history: list[dict] = []
+        self._started_at = 0.0
         self._model_handlers = {
             "response.output_audio.delta": self._on_audio_delta,
             "input_audio_buffer.speech_started": self._on_speech_started,
@@ -139,7 +147,14 @@ class Relay:
                     log.warning("no start message on the media stream; closing it")
                     self.outcome = "no-start"
                     break
-                if self._model_ready.is_set() and self.stream_sid:
+                if (
+                    self._model_ready.is_set()
+                    and self.stream_sid
+                    and (
+                        self._history_loaded.is_set()
+                        or self.clock() > self._started_at + HISTORY_WAIT
+                    )
+                ):
                     self._begin()
                     started = True
         except Exception as exc:  # the socket closed, or a bug: end the stream either way
@@ -167,6 +182,9 @@ class Relay:
             self.stream_sid = start["streamSid"]
             self.call_sid = start.get("callSid", "")
             self.custom = start.get("customParameters") or {}
+            self.writer.call_sid = self.call_sid or "?"
+            self._started_at = self.clock()
+            threading.Thread(target=self._load_history, daemon=True, name="history").start()
         elif kind == "dtmf":
             digit = event["dtmf"]["digit"]
             self.record("dtmf", digit)
@@ -239,7 +257,7 @@ class Relay:
         # conversation does not know.
         history = [
             m
-            for m in self._history()
+            for m in (self._history if self._history_loaded.is_set() else [])
             if m["role"] in ("user", "assistant") and m.get("content") and not m.get("tool_calls")
         ]
         for message in history:
@@ -266,18 +284,18 @@ class Relay:
             )
         self._reader = threading.Thread(target=self._read_model, name="model-reader", daemon=True)
         self._reader.start()
-        self.on_success()
+        self.writer.submit("stream breaker reset", self.on_success)
         if self.control:
             self.control.attach(self)
 
-    def _history(self) -> list[dict]:
-        if not (self.store and self.call_sid):
-            return []
+    def _load_history(self) -> None:
         try:
-            return self.store.history(self.call_sid)
+            if self.store and self.call_sid:
+                self._history = self.store.history(self.call_sid)
         except Exception as exc:  # Redis down: the call goes on without memory
             log.error("call %s: history unavailable for the stream: %s", self.call_sid, exc)
-            return []
+        finally:
+            self._history_loaded.set()
 
     # -- the model's loop ------------------------------------------------------------
 
@@ -464,21 +482,21 @@ class Relay:
     def record(self, role: str, text: str, **extra) -> None:
         if not (text and self.store and self.call_sid):
             return
-        try:
-            self.store.append(self.call_sid, role, text, "stream", **extra)
-        except Exception as exc:  # a transcript line is not worth the call
-            log.error("call %s: transcript not stored: %s", self.call_sid, exc)
+        self.writer.submit(
+            "transcript line", self.store.append, self.call_sid, role, text, "stream", **extra
+        )
 
     def _fail(self, outcome: str, reason: str) -> None:
         """The model is gone: close Twilio's socket so its <Connect action> runs Gather mode."""
         log.warning("call %s: %s; falling back to Gather mode", self.call_sid or "?", reason)
         self.outcome = outcome
-        self.on_failure(reason)
+        self.writer.submit("stream breaker failure", self.on_failure, reason)
         self._stopping = True
         _close_quietly(self.twilio)
 
     def _shutdown(self) -> None:
         self._stopping = True
+        self.writer.close()  # what is queued is still written
         if self.control:
             self.control.stop()
         if self.model is not None:

@@ -214,7 +214,7 @@ def test_a_lost_model_closes_twilio_and_reports_the_failure(rig):
     rig.thread.join(timeout=5)
     assert rig.twilio.closed.is_set()
     assert rig.relay.outcome == "model-lost"
-    assert len(rig.failures) == 1
+    assert wait_for(lambda: len(rig.failures) == 1)
 
 
 def test_heard_audio_is_interpolated_between_marks_and_capped():
