@@ -139,7 +139,7 @@ class StreamControl:
 
     The relay moves audio; it calls these hooks from its two loops and this
     class answers through the relay's `say`, `send_tool_output` and
-    `is_speaking`, and through CallControl for the REST updates. A watchdog
+    `is_speaking`, and through CallControl to move or end the call. A watchdog
     thread checks the call's duration and the caller's silence twice a second.
     """
 
@@ -224,12 +224,8 @@ class StreamControl:
     def _repeat(self) -> None:
         relay = self.relay
         last = self.control.last_agent_line(relay.call_sid)
-        if self._stop.is_set():
-            return  # the call ended while Redis answered
-        try:
-            relay.say(last or self.control.prompts.line("reprompt"))
-        except Exception as exc:  # the model went away meanwhile; the relay falls back
-            log.info("call %s: repeat not sent: %s", relay.call_sid, exc)
+        if not self._stop.is_set():  # the call may have ended while Redis answered
+            self._say(last or self.control.prompts.line("reprompt"), "repeat")
 
     def _run_tool(self, call_id: str, name: str, arguments: str) -> None:
         relay = self.relay
@@ -312,4 +308,10 @@ class StreamControl:
                 if self.silences > settings.reprompt_limit:
                     self._finish("silence", "goodbye")
                 else:
-                    self.relay.say(self.control.prompts.line("reprompt"))
+                    self._say(self.control.prompts.line("reprompt"), "reprompt")
+
+    def _say(self, text: str, what: str) -> None:
+        try:
+            self.relay.say(text)
+        except Exception as exc:  # the model went away meanwhile; the relay falls back
+            log.info("call %s: %s not sent: %s", self.relay.call_sid, what, exc)
