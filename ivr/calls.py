@@ -178,6 +178,21 @@ class CallStore:
             self._expire_all(pipe, sid, self.ttl)
             pipe.execute()
 
+    def set_stream_exit(self, sid: str, exit_json: str, reason: str) -> None:
+        """Where a streaming call goes once its stream closes; its <Connect action> reads it."""
+        self.redis.hset(
+            self._key(sid, "meta"), mapping={"stream_exit": exit_json, "end_reason": reason}
+        )
+
+    def take_stream_exit(self, sid: str) -> str:
+        """The stored stream exit (JSON), cleared as it is read; "" when there is none."""
+        key = self._key(sid, "meta")
+        with self.redis.pipeline() as pipe:
+            pipe.hget(key, "stream_exit")
+            pipe.hdel(key, "stream_exit")
+            raw, _ = pipe.execute()
+        return _text(raw) if raw else ""
+
     def last_agent_line(self, sid: str) -> str:
         for raw in reversed(self.redis.lrange(self._key(sid, "transcript"), -20, -1)):
             entry = json.loads(raw)

@@ -87,8 +87,16 @@ def voice(sid: str):
 @bp.post(FALLBACK_PATH)
 @twilio_webhook
 def stream_ended(sid: str):
-    """<Connect action>: the stream closed under a live call; go on in Gather mode."""
-    return get_services().conversation.resume_after_stream(sid)
+    """<Connect action>: the stream closed under a live call.
+
+    Where call control closed it (a transfer, a hang-up), the stored exit;
+    otherwise the call goes on in Gather mode.
+    """
+    services = get_services()
+    exit_doc = services.call_control.stream_exit(sid)
+    if exit_doc is not None:
+        return exit_doc
+    return services.conversation.resume_after_stream(sid)
 
 
 @bp.post("/process-speech")
