@@ -56,6 +56,9 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
     app.config["SOCK_SERVER_OPTIONS"] = {"ping_interval": None, "thread_class": ReadInCaller}
     app.register_blueprint(voice_bp)
     app.register_blueprint(streaming_bp)
+    from . import web
+
+    web.init_app(app)  # the call log and /metrics, when ADMIN_PASSWORD is set
     return app
 
 

@@ -140,6 +140,9 @@ class CallStore:
         """True once per call: repeated status callbacks send one report."""
         return bool(self.redis.set(self._key(sid, "reported"), 1, nx=True, ex=self.retention))
 
+    def set_meta(self, sid: str, **fields: str) -> None:
+        self.redis.hset(self._key(sid, "meta"), mapping=fields)
+
     def set_end_reason(self, sid: str, reason: str) -> None:
         """How the app ended the call (transferred, ended-by-agent, limit-reached...)."""
         self.redis.hset(self._key(sid, "meta"), "end_reason", reason)

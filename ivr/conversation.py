@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import redis
 
-from . import twiml
+from . import calllog, metrics, twiml
 from .calls import CallStore, TurnRecord
 from .config import Settings
 from .llm import LLMUnavailable, Responder
@@ -64,11 +64,21 @@ class Conversation:
 
     def begin_call(self, sid: str, caller: str, callee: str, mode: str) -> bool:
         """Record a new call; False for a repeated /voice or when Redis is down."""
-        return bool(
+        first = bool(
             self._safely(
                 sid, "start", lambda: self.store.start(sid, caller=caller, callee=callee, mode=mode)
             )
         )
+        if first:
+            metrics.CALLS.labels(mode).inc()
+            self._safely(
+                sid,
+                "index call",
+                lambda: calllog.index_call(
+                    self.store.redis, sid, time.time(), self.settings.transcript_retention
+                ),
+            )
+        return first
 
     def greet(self, sid: str, caller: str = "", callee: str = "") -> dict:
         greeting = self.prompts.line("greeting")
@@ -90,6 +100,7 @@ class Conversation:
     def take_turn(self, sid: str, turn: int | None, heard: Heard, started: float) -> dict:
         """Answer turn `turn` of call `sid`; `started` is the request's monotonic time."""
         deadline = started + self.settings.llm_deadline
+        stats = calllog.begin_turn(started)
         if turn:
             stored, first = self._safely(
                 sid,
@@ -109,6 +120,7 @@ class Conversation:
                 *messages,
                 {"role": "agent_line", "content": result["text"], "kind": result["kind"]},
             ]
+        messages = calllog.annotate(messages, stats)
         self._safely(sid, "end turn", lambda: self.store.end_turn(sid, turn, result, messages))
         return result
 
@@ -120,7 +132,7 @@ class Conversation:
                 sid, "build report", lambda: build_report(self.store, sid, status)
             )
             if report:
-                self.reports.send_later(report)
+                calllog.track_report(self.store, sid, self.reports.send_later(report))
 
     # -- the turn -------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .calllog import StreamTimings
 from .calls import CallStore
 
 log = logging.getLogger(__name__)
@@ -117,9 +118,13 @@ class Relay:
         self._response_active = False
         self._mark_seq = 0
         self._reader: threading.Thread | None = None
+        self.timings = StreamTimings()  # for the call log
         self._model_handlers = {
             "response.output_audio.delta": self._on_audio_delta,
             "input_audio_buffer.speech_started": self._on_speech_started,
+            "input_audio_buffer.speech_stopped": lambda e: self.timings.speech_stopped(
+                self.clock()
+            ),
             "response.created": self._on_response_created,
             "response.done": self._on_response_done,
             "conversation.item.input_audio_transcription.completed": self._on_caller_transcript,
@@ -341,6 +346,7 @@ class Relay:
         now = self.clock()
         if item_id != playback.item_id:
             self._playback = playback = _Playback(item_id=item_id, started_at=now)
+            self.timings.audio_started(item_id, now)
         playback.sent_bytes += _decoded_length(delta)
         self._mark_seq += 1
         name = f"m{self._mark_seq}"
@@ -361,6 +367,7 @@ class Relay:
             return
         if speaking:
             heard_ms = playback.heard_ms(self.clock())
+            self.timings.interrupted(playback.item_id, heard_ms)
             self.twilio.send('{"event":"clear","streamSid":"' + self.stream_sid + '"}')
             playback.pending.clear()  # Twilio returns these marks unplayed after a clear
             self._truncated.add(playback.item_id)
@@ -399,6 +406,7 @@ class Relay:
 
     def _on_agent_transcript(self, event: dict) -> None:
         extra = {"interrupted": True} if event.get("item_id") in self._truncated else {}
+        extra.update(self.timings.pop(event.get("item_id")))
         self.record("assistant", event.get("transcript", "").strip(), **extra)
 
     def _on_model_error(self, event: dict) -> None:

@@ -28,6 +28,7 @@ from tenacity import (
     wait_random,
 )
 
+from . import metrics
 from .calls import CallStore, ended_by
 
 log = logging.getLogger(__name__)
@@ -103,10 +104,13 @@ class ReportSender:
             reraise=True,
         )
         try:
-            return retrying(self._post, body, report["call_sid"])
+            delivered = retrying(self._post, body, report["call_sid"])
         except Exception as exc:  # given up: logged, never raised into the app
             log.error("call %s: end-of-call report not delivered: %s", report["call_sid"], exc)
+            metrics.REPORTS.labels("failed").inc()
             return False
+        metrics.REPORTS.labels("delivered" if delivered else "refused").inc()
+        return delivered
 
     def _post(self, body: bytes, sid: str) -> bool:
         timestamp = str(int(time.time()))

@@ -8,7 +8,7 @@ import time
 
 from flask import Blueprint, abort, jsonify, request
 
-from . import twiml
+from . import metrics, twiml
 from .calls import ENDED_STATUSES
 from .conversation import Heard, render_result
 from .security import twilio_signed
@@ -90,7 +90,9 @@ def process_speech(sid: str):
         digits=form.get("Digits", "").strip(),
         caller=form.get("From", ""),
     )
-    return get_services().conversation.take_turn(sid, _turn(), heard, started)
+    result = get_services().conversation.take_turn(sid, _turn(), heard, started)
+    metrics.count_turn(result, time.monotonic() - started)
+    return result
 
 
 @bp.post("/voice-fallback")
