@@ -35,6 +35,10 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
             log.error("configuration: %s", problem)
         raise
 
+    if settings.log_format == "json":
+        from .logfmt import use_json
+
+        use_json(log)
     app = Flask(__name__)
     # Heroku-style routers terminate TLS and say so in X-Forwarded-Proto; the
     # signature check needs the https URL Twilio actually called.

@@ -11,6 +11,7 @@ from flask import Blueprint, abort, jsonify, request
 from . import metrics, twiml
 from .calls import ENDED_STATUSES
 from .conversation import Heard, render_result
+from .logfmt import CALL_SID
 from .security import twilio_signed
 from .services import get_services
 from .streaming import FALLBACK_PATH, answer_with_stream
@@ -32,6 +33,7 @@ def twilio_webhook(view):
         sid = request.form.get("CallSid", "")
         if not sid:
             abort(400, "CallSid is required")
+        CALL_SID.set(sid)  # for LOG_FORMAT=json
         try:
             answer = view(sid, *args, **kwargs)
             if isinstance(answer, dict):
