@@ -145,8 +145,7 @@ def test_a_call_shows_up_in_the_list_with_its_caller_masked(web, fake_openai):
     page = Page(html)
     assert CALLER not in html and "4567" in html
     assert page.text("caller") == ["+1•••••4567"]
-    row = page.text("is-live") or []
-    assert row == []  # it ended
+    assert page.text("is-live") == []  # it ended
     cells = re.findall(r"<td[^>]*>(.*?)</td>", html, re.S)
     assert "caller-hung-up" in cells[5]
     assert re.sub(r"\s+", " ", cells[4]).strip() == "2"  # turns: two caller lines
@@ -227,7 +226,7 @@ def test_the_timeline_shows_both_sides_timings_tools_and_the_end(web, fake_opena
     assert "When do you open?" in texts and "We open at nine." in texts
     timing = page.text("timing")
     assert any(
-        re.search(r"answered in \d+ ms, LLM \d+ ms, 2 attempts \(1 retry\)", t) for t in timing
+        re.search(r"answered in [\d.]+ m?s, LLM [\d.]+ m?s, 2 attempts \(1 retry\)", t) for t in timing
     )
     assert "caller (unclear)" in who
     assert any("confidence 0.20" in f for f in page.text("facts"))
@@ -269,3 +268,63 @@ def test_the_index_forgets_calls_past_their_retention(web, redis, admin_app):
     redis.zadd("ivr:calls", {sid: started - retention - 10})
     place_call(web, "new call")
     assert redis.zcard("ivr:calls") == 1
+
+
+def test_a_streamed_call_shows_its_latency_and_why_it_fell_back(
+    live, stream_config, fake_openai, redis
+):
+    from .fakes.twilio_media import TwilioMediaClient
+    from .twilio_sim import AUTH_TOKEN
+    from .waiting import wait_for
+
+    fake_openai.realtime.response_ms = 300
+    fake_openai.realtime.answers = ["Welcome to the bakery.", "We have rye today."]
+    call = TwilioCall(live.app.test_client(), caller=CALLER)
+    call.start()
+    media = TwilioMediaClient(live.ws + "/media-stream", AUTH_TOKEN, call.sid).start()
+    media.talk([("silence", 600), ("speech", 400), ("silence", 600)])
+    store = live.app.extensions["ivr"].store
+    assert wait_for(lambda: len(store.transcript(call.sid)) >= 3)
+    fake_openai.realtime.drop_after_seconds = 0  # the model goes away
+    media.talk([("silence", 100)])
+    assert media.wait_closed(timeout=5)
+    call.post("/stream-ended")
+
+    web = create_app({**stream_config, "ADMIN_PASSWORD": PASSWORD}).test_client()
+    data = json.loads(web.get(f"/calls/{call.sid}.json", headers=AUTH).get_data())
+    assert data["call"]["modes"] == ["gather", "stream", "fallback"]
+    answer = next(line for line in data["timeline"] if line["text"] == "We have rye today.")
+    assert answer["mode"] == "stream" and answer["latency_ms"] >= 0
+    (switch,) = [line for line in data["timeline"] if line["role"] == "event"]
+    assert switch["text"].startswith("Gather mode: model connection lost")
+    assert data["call"]["worst_ms"] >= answer["latency_ms"]
+    page = get_page(web, f"/calls/{call.sid}")
+    assert any("first audio" in t for t in page.text("timing"))
+
+
+def test_the_report_delivery_state_is_shown(config, fake_openai):
+    import responses
+
+    from .waiting import wait_for
+
+    hook = "https://hooks.example.com/calls"
+    app = create_app(
+        {
+            **config,
+            "ADMIN_PASSWORD": PASSWORD,
+            "END_OF_CALL_WEBHOOK_URL": hook,
+            "END_OF_CALL_WEBHOOK_SECRET": "s",
+            "END_OF_CALL_RETRY_SECONDS": "0.01",
+        }
+    )
+    web = app.test_client()
+    with responses.RequestsMock() as receiver:
+        receiver.post(hook, status=200)
+        delivered = place_call(web, "hello", caller="+15550001111")
+        store = app.extensions["ivr"].store
+        assert wait_for(lambda: store.meta(delivered.sid).get("report") == "delivered")
+        receiver.replace(responses.POST, hook, status=400)
+        refused = place_call(web, "hello", caller="+15550002222")
+        assert wait_for(lambda: store.meta(refused.sid).get("report") == "failed")
+    assert get_page(web, f"/calls/{delivered.sid}").text("report") == ["delivered"]
+    assert get_page(web, f"/calls/{refused.sid}").text("report") == ["failed"]
