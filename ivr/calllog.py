@@ -80,9 +80,12 @@ def note_tool(tool: str, seconds: float, output: str) -> None:
         stats.tool_seconds.append(seconds)
 
 
-def annotate(messages: list[dict], stats: TurnStats) -> list[dict]:
+def annotate(messages: list[dict]) -> list[dict]:
     """The turn's messages with their timings: each tool result its duration, the
     last message the turn's (webhook to answer, the LLM's share, attempts)."""
+    stats = _turn.get()
+    if stats is None:
+        return messages
     durations = iter(stats.tool_seconds)
     out = []
     for message in messages:
@@ -137,20 +140,14 @@ def record_event(store, sid: str, kind: str, reason: str) -> None:
         log.error("call %s: call log event not stored: %s", sid, exc)
 
 
-def track_report(store, sid: str, future) -> None:
-    """Keep the end-of-call report's delivery state in the call's record."""
-
-    def note(state: str) -> None:
-        try:
-            store.set_meta(sid, report=state)
-        except Exception as exc:  # the log page says "unknown"; the report still goes
-            log.error("call %s: report state not stored: %s", sid, exc)
-
-    # Set before the callback is added: a delivery already done overwrites it at once.
-    note("sending")
-    future.add_done_callback(
-        lambda f: note("delivered" if not f.exception() and f.result() else "failed")
-    )
+def report_settled(store, sid: str, outcome: str) -> None:
+    """The end-of-call report's fate (delivered, refused, failed), counted and kept
+    in the call's record for the call log."""
+    metrics.REPORTS.labels(outcome).inc()
+    try:
+        store.set_meta(sid, report=outcome)
+    except Exception as exc:  # the log page says "not sent"; the report's fate stands
+        log.error("call %s: report state not stored: %s", sid, exc)
 
 
 def _ms(seconds: float) -> int:

@@ -216,12 +216,14 @@ def _configure_number(args) -> int:
 
 def _transcript(args) -> int:
     from .calls import CallStore, ended_by
+    from .config import _TRUE
     from .services import build_redis
 
     url = os.environ.get("REDIS_URL")
     if not url:
         return _fail("REDIS_URL is not set: transcripts are kept in the app's Redis.")
-    store = CallStore(build_redis(url), history_max=1, ttl=60, retention=60)
+    cluster = os.environ.get("REDIS_CLUSTER", "").strip().lower() in _TRUE
+    store = CallStore(build_redis(url, cluster), history_max=1, ttl=60, retention=60)
     meta, entries = store.meta(args.call_sid), store.transcript(args.call_sid)
     if not meta and not entries:
         return _fail(f"no call {args.call_sid} (unknown, or past its retention period).")

@@ -6,6 +6,8 @@ reading a crashed dyno's log knows exactly what to fix.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -49,6 +51,7 @@ class Settings:
     llm_max_tokens: int = env("LLM_MAX_TOKENS", 300)
 
     redis_url: str = env("REDIS_URL", "")
+    redis_cluster: bool = env("REDIS_CLUSTER", False)
     history_max_messages: int = env("HISTORY_MAX_MESSAGES", 20)
     call_ttl: int = env("CALL_TTL_SECONDS", 4 * 3600)
     transcript_retention: int = env("TRANSCRIPT_RETENTION_SECONDS", 7 * 24 * 3600)
@@ -197,6 +200,11 @@ def _check(s: Settings) -> list[str]:
         problems.append(
             f"REDIS_URL must start with redis://, rediss:// or unix://, not {s.redis_url!r}."
         )
+    if s.redis_cluster and not s.redis_url.startswith(("redis://", "rediss://")):
+        problems.append(
+            "REDIS_CLUSTER=true needs REDIS_URL to name one node of the cluster "
+            "(redis:// or rediss://)."
+        )
     if s.log_format not in ("text", "json"):
         problems.append(f"LOG_FORMAT must be text or json, not {s.log_format!r}.")
     if s.admin_password and not s.admin_user:
@@ -241,8 +249,29 @@ def _check(s: Settings) -> list[str]:
         problems.append(
             "END_OF_CALL_WEBHOOK_SECRET is missing: end-of-call reports are signed with it."
         )
+    elif s.end_of_call_webhook_secret:
+        problems += _webhook_secret_problems(s.end_of_call_webhook_secret)
     if len(s.dtmf_transfer_key) > 1 or len(s.dtmf_repeat_key) > 1:
         problems.append("DTMF_TRANSFER_KEY and DTMF_REPEAT_KEY must be one key each (or empty).")
     if not s.prompts_dir.is_dir():
         problems.append(f"PROMPTS_DIR {str(s.prompts_dir)!r} is not a directory.")
     return problems
+
+
+def _webhook_secret_problems(secret: str) -> list[str]:
+    """A Standard Webhooks secret is whsec_ + base64 of 24 to 64 random bytes."""
+    hint = (
+        "END_OF_CALL_WEBHOOK_SECRET must be whsec_ followed by 24 to 64 random bytes in "
+        'base64 (Standard Webhooks), e.g. the output of: python -c "import base64, os; '
+        "print('whsec_' + base64.b64encode(os.urandom(32)).decode())\""
+    )
+    encoded = secret.removeprefix("whsec_")
+    if encoded == secret:
+        return [hint + "."]
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return [hint + "; the part after whsec_ is not base64."]
+    if not 24 <= len(key) <= 64:
+        return [hint + f"; it holds {len(key)} bytes."]
+    return []

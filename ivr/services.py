@@ -18,12 +18,14 @@ from twilio.rest import Client as TwilioClient
 
 from .breaker import StreamBreaker
 from .calls import CallStore
+from .claims import Leases
 from .config import Settings
 from .control import CallControl
 from .conversation import Conversation
 from .llm import Responder
 from .prompts import Prompts
-from .report import ReportSender
+from .redis_cluster import ClusterClient
+from .report import ReportQueue
 from .tools import load_modules
 from .tools import registry as tool_registry
 
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 class Services:
     settings: Settings
     prompts: Prompts
-    redis: redis.Redis
+    redis: redis.Redis | ClusterClient
     openai: openai.OpenAI
     store: CallStore
     responder: Responder
@@ -47,8 +49,12 @@ def get_services() -> Services:
     return current_app.extensions["ivr"]
 
 
-def build_redis(url: str) -> redis.Redis:
-    """The app's Redis client for REDIS_URL; an in-process store when it is empty."""
+def build_redis(url: str, cluster: bool = False) -> redis.Redis | ClusterClient:
+    """The app's Redis client for REDIS_URL; an in-process store when it is empty.
+
+    With `cluster`, REDIS_URL names any node of a Redis Cluster and the client
+    discovers the rest.
+    """
     if not url:
         import fakeredis  # only needed for single-process local use
 
@@ -68,12 +74,14 @@ def build_redis(url: str) -> redis.Redis:
         # Heroku Redis presents a self-signed certificate; the connection is
         # still encrypted, but the certificate cannot be verified.
         options["ssl_cert_reqs"] = None
+    if cluster:
+        return ClusterClient(url, **options)
     return redis.Redis.from_url(url, **options)
 
 
 def build_services(settings: Settings, prompts: Prompts) -> Services:
     load_modules(settings.tools_modules)
-    redis_client = build_redis(settings.redis_url)
+    redis_client = build_redis(settings.redis_url, settings.redis_cluster)
     openai_client = openai.OpenAI(
         api_key=settings.openai_api_key,
         base_url=settings.openai_base_url or None,
@@ -96,15 +104,16 @@ def build_services(settings: Settings, prompts: Prompts) -> Services:
         attempt_timeout=settings.llm_attempt_timeout,
         max_tokens=settings.llm_max_tokens,
     )
-    reports = (
-        ReportSender(
+    reports = None
+    if settings.end_of_call_webhook_url:
+        reports = ReportQueue(
+            store,
             settings.end_of_call_webhook_url,
             settings.end_of_call_webhook_secret,
             backoff=settings.end_of_call_retry_seconds,
         )
-        if settings.end_of_call_webhook_url
-        else None
-    )
+        # Reports queued before a restart go out without waiting for a new call to end.
+        reports.start()
     # Twilio's REST API moves live streaming calls (transfer, hang up).
     twilio_rest = (
         TwilioClient(settings.twilio_account_sid, settings.twilio_auth_token)
@@ -126,7 +135,13 @@ def build_services(settings: Settings, prompts: Prompts) -> Services:
         store=store,
         responder=responder,
         conversation=Conversation(
-            store, responder, prompts, settings, tool_registry, reports=reports
+            store,
+            responder,
+            prompts,
+            settings,
+            tool_registry,
+            leases=Leases(redis_client),
+            reports=reports,
         ),
         call_control=call_control,
         breaker=StreamBreaker(

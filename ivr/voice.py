@@ -6,6 +6,7 @@ import functools
 import logging
 import time
 
+import redis
 from flask import Blueprint, abort, jsonify, request
 
 from . import metrics, twiml
@@ -38,18 +39,19 @@ def twilio_webhook(view):
             answer = view(sid, *args, **kwargs)
             if isinstance(answer, dict):
                 answer = render_result(answer, get_services().settings)
+            return twiml.render(answer)
         except Exception:
             log.exception("call %s: unexpected error in %s", sid, request.path)
-            answer = _apology()
-        return twiml.render(answer)
+            return twiml.render(_apology(sid))
 
     return wrapper
 
 
-def _apology():
-    """Sorry, and the call goes on with a new Gather."""
+def _apology(sid: str):
+    """Sorry, and the call goes on with a new Gather, numbered like any other."""
     services = get_services()
-    return twiml.gather_turn(services.prompts.line("apology"), None, services.settings)
+    result = services.conversation.apologise(sid, _turn())
+    return twiml.gather_turn(result["text"], result["next"], services.settings)
 
 
 def _confidence() -> float | None:
@@ -61,7 +63,17 @@ def _confidence() -> float | None:
 
 
 def _turn() -> int | None:
-    return request.args.get("turn", type=int)
+    """The turn number in the Gather action's query (None if absent or not a positive number)."""
+    turn = request.args.get("turn", type=int)
+    return turn if turn and turn > 0 else None
+
+
+@bp.before_app_request
+def _run_report_sender():
+    """Make sure this process sends queued reports (a forked worker starts its own)."""
+    reports = get_services().conversation.reports
+    if reports is not None:
+        reports.start()
 
 
 @bp.post("/voice")
@@ -101,7 +113,7 @@ def process_speech(sid: str):
 @twilio_webhook
 def voice_fallback(sid: str):
     """The number's fallback URL: Twilio calls it when a webhook failed or timed out."""
-    return _apology()
+    return _apology(sid)
 
 
 @bp.post("/call-status")
@@ -112,7 +124,12 @@ def call_status():
         abort(400, "CallSid is required")
     status = request.form.get("CallStatus", "")
     if status in ENDED_STATUSES:
-        get_services().conversation.finish(sid, status)
+        try:
+            get_services().conversation.finish(sid, status)
+        except redis.RedisError as exc:
+            # Not recorded, so not reported either: a 5xx makes Twilio send it again.
+            log.error("call %s: end of call not recorded: %s", sid, exc)
+            return "", 503
     return "", 204
 
 

@@ -33,8 +33,7 @@ def start_gunicorn(env: dict, port: int, log: Path, workers: int = 1) -> subproc
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    # Importing the app (openai's types above all) takes seconds; far more on a busy machine.
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 90  # importing openai takes long on a busy machine
     while time.monotonic() < deadline:
         try:
             if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok:

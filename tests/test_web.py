@@ -312,7 +312,7 @@ def test_the_report_delivery_state_is_shown(config, fake_openai):
             **config,
             "ADMIN_PASSWORD": PASSWORD,
             "END_OF_CALL_WEBHOOK_URL": hook,
-            "END_OF_CALL_WEBHOOK_SECRET": "s",
+            "END_OF_CALL_WEBHOOK_SECRET": "whsec_" + base64.b64encode(b"k" * 24).decode(),
             "END_OF_CALL_RETRY_SECONDS": "0.01",
         }
     )
@@ -324,6 +324,6 @@ def test_the_report_delivery_state_is_shown(config, fake_openai):
         assert wait_for(lambda: store.meta(delivered.sid).get("report") == "delivered")
         receiver.replace(responses.POST, hook, status=400)
         refused = place_call(web, "hello", caller="+15550002222")
-        assert wait_for(lambda: store.meta(refused.sid).get("report") == "failed")
+        assert wait_for(lambda: store.meta(refused.sid).get("report") == "refused")
     assert get_page(web, f"/calls/{delivered.sid}").text("report") == ["delivered"]
-    assert get_page(web, f"/calls/{refused.sid}").text("report") == ["failed"]
+    assert get_page(web, f"/calls/{refused.sid}").text("report") == ["refused"]
