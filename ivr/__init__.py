@@ -35,6 +35,10 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
             log.error("configuration: %s", problem)
         raise
 
+    if settings.log_format == "json":
+        from .logfmt import use_json
+
+        use_json(log)
     app = Flask(__name__)
     # Heroku-style routers terminate TLS and say so in X-Forwarded-Proto; the
     # signature check needs the https URL Twilio actually called.
@@ -56,6 +60,9 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
     app.config["SOCK_SERVER_OPTIONS"] = {"ping_interval": None, "thread_class": ReadInCaller}
     app.register_blueprint(voice_bp)
     app.register_blueprint(streaming_bp)
+    from . import web
+
+    web.init_app(app)  # the call log and /metrics, when ADMIN_PASSWORD is set
     return app
 
 

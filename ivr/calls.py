@@ -171,6 +171,9 @@ class CallStore:
         """The report is durably queued: repeated status callbacks queue no other."""
         self.redis.set(self._key(sid, "reported"), 1, ex=self.retention)
 
+    def set_meta(self, sid: str, **fields: str) -> None:
+        self.redis.hset(self._key(sid, "meta"), mapping=fields)
+
     def set_end_reason(self, sid: str, reason: str) -> None:
         """How the app ended the call (transferred, ended-by-agent, limit-reached...)."""
         with self.redis.pipeline(transaction=True) as pipe:

@@ -89,6 +89,10 @@ class Settings:
     end_of_call_webhook_secret: str = env("END_OF_CALL_WEBHOOK_SECRET", "")
     end_of_call_retry_seconds: float = env("END_OF_CALL_RETRY_SECONDS", 2.0)
     prompts_dir: Path = env("PROMPTS_DIR", DEFAULT_PROMPTS_DIR)
+    # The call log pages and /metrics; unset password = those routes do not exist.
+    admin_password: str = env("ADMIN_PASSWORD", "")
+    admin_user: str = env("ADMIN_USER", "admin")
+    log_format: str = env("LOG_FORMAT", "text")
 
     @property
     def gather_speech_timeout(self) -> str:
@@ -201,6 +205,10 @@ def _check(s: Settings) -> list[str]:
             "REDIS_CLUSTER=true needs REDIS_URL to name one node of the cluster "
             "(redis:// or rediss://)."
         )
+    if s.log_format not in ("text", "json"):
+        problems.append(f"LOG_FORMAT must be text or json, not {s.log_format!r}.")
+    if s.admin_password and not s.admin_user:
+        problems.append("ADMIN_USER must not be empty when ADMIN_PASSWORD is set.")
     if s.realtime_turn_detection not in ("server_vad", "semantic_vad"):
         problems.append(
             f"REALTIME_TURN_DETECTION must be server_vad or semantic_vad, "

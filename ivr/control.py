@@ -229,8 +229,12 @@ class StreamControl:
 
     def _run_tool(self, call_id: str, name: str, arguments: str) -> None:
         relay = self.relay
+        began = time.monotonic()
         output, action = self.control.run_tool(relay.call_sid, relay.caller, name, arguments)
-        relay.record("tool", output, name=name, arguments=arguments, call_id=call_id)
+        duration_ms = int((time.monotonic() - began) * 1000)
+        relay.record(
+            "tool", output, name=name, arguments=arguments, call_id=call_id, duration_ms=duration_ms
+        )
         if self._stop.is_set():
             log.info("call %s: tool %s finished after the stream ended", relay.call_sid, name)
             return

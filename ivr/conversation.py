@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import redis
 
-from . import twiml
+from . import calllog, metrics, twiml
 from .calls import CallStore, TurnRecord
 from .claims import Leases
 from .config import Settings
@@ -66,11 +66,21 @@ class Conversation:
 
     def begin_call(self, sid: str, caller: str, callee: str, mode: str) -> bool:
         """Record a new call; False for a repeated /voice or when Redis is down."""
-        return bool(
+        first = bool(
             self._safely(
                 sid, "start", lambda: self.store.start(sid, caller=caller, callee=callee, mode=mode)
             )
         )
+        if first:
+            metrics.CALLS.labels(mode).inc()
+            self._safely(
+                sid,
+                "index call",
+                lambda: calllog.index_call(
+                    self.store.redis, sid, time.time(), self.settings.transcript_retention
+                ),
+            )
+        return first
 
     def greet(self, sid: str, caller: str = "", callee: str = "") -> dict:
         greeting = self.prompts.line("greeting")
@@ -92,6 +102,7 @@ class Conversation:
     def take_turn(self, sid: str, turn: int | None, heard: Heard, started: float) -> dict:
         """Answer turn `turn` of call `sid`; `started` is the request's monotonic time."""
         deadline = started + self.settings.llm_deadline
+        calllog.begin_turn(started)  # timings for the call log
         if not turn:
             return self._answer_and_record(sid, turn, heard, deadline)
         replay = self._claim_or_replay(sid, turn, deadline)
@@ -169,6 +180,7 @@ class Conversation:
                 *messages,
                 {"role": "agent_line", "content": result["text"], "kind": result["kind"]},
             ]
+        messages = calllog.annotate(messages)
         self._safely(sid, "end turn", lambda: self.store.end_turn(sid, turn, result, messages))
         return result
 

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .calllog import StreamTimings
 from .calls import CallStore
 from .playback import Playback
 from .writer import CallWriter
@@ -106,9 +107,13 @@ class Relay:
         self._history_loaded = threading.Event()
         self._history: list[dict] = []
         self._started_at = 0.0
+        self.timings = StreamTimings()  # for the call log
         self._model_handlers = {
             "response.output_audio.delta": self._on_audio_delta,
             "input_audio_buffer.speech_started": self._on_speech_started,
+            "input_audio_buffer.speech_stopped": lambda e: self.timings.speech_stopped(
+                self.clock()
+            ),
             "response.created": self._on_response_created,
             "response.done": self._on_response_done,
             "conversation.item.input_audio_transcription.completed": self._on_caller_transcript,
@@ -325,7 +330,9 @@ class Relay:
         """Send one chunk of the agent's audio to Twilio, followed by its mark."""
         if item_id in self._truncated:
             return  # audio generated before our cancel arrived: the caller moved on
-        name = self._playback.sent(item_id, _decoded_length(delta), self.clock())
+        now = self.clock()
+        self.timings.audio_started(item_id, now)  # the first audio after the caller spoke
+        name = self._playback.sent(item_id, _decoded_length(delta), now)
         sid = self.stream_sid
         self.twilio.send(
             '{"event":"media","streamSid":"' + sid + '","media":{"payload":"' + delta + '"}}',
@@ -343,6 +350,7 @@ class Relay:
             self.twilio.send('{"event":"clear","streamSid":"' + self.stream_sid + '"}')
             # Twilio returns the pending marks unplayed after a clear: they are forgotten here.
             for item_id, heard_ms in playback.interrupt(self.clock()):
+                self.timings.interrupted(item_id, heard_ms)
                 self._truncated.add(item_id)
                 self.model.send_raw(
                     json.dumps(
@@ -405,6 +413,7 @@ class Relay:
 
     def _on_agent_transcript(self, event: dict) -> None:
         extra = {"interrupted": True} if event.get("item_id") in self._truncated else {}
+        extra.update(self.timings.pop(event.get("item_id")))
         self.record("assistant", event.get("transcript", "").strip(), **extra)
 
     def _on_model_error(self, event: dict) -> None:

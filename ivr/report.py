@@ -35,6 +35,7 @@ import redis
 import requests
 from standardwebhooks import Webhook
 
+from . import calllog
 from .calls import CallStore, ended_by
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,7 @@ class ReportQueue:
         report = build_report(self.store, sid)
         if report is None:
             log.error("call %s: no record left to report; report dropped", sid)
+            calllog.report_settled(self.store, sid, "failed")
             self._settle(sid, delivered=False)
             return
         attempt = int(self.redis.hincrby(ATTEMPTS_KEY, sid, 1))
@@ -179,6 +181,7 @@ class ReportQueue:
             return
         if outcome == "retry":
             log.error("call %s: end-of-call report not delivered after %d attempts", sid, attempt)
+        calllog.report_settled(self.store, sid, "failed" if outcome == "retry" else outcome)
         self._settle(sid, delivered=outcome == "delivered")
 
     def _post(self, sid: str, report: dict) -> str:

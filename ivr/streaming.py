@@ -15,7 +15,7 @@ from flask import Blueprint, Response, abort, request
 from flask_sock import Sock
 from twilio.twiml.voice_response import VoiceResponse
 
-from . import twiml
+from . import calllog, metrics, twiml
 from .control import StreamControl
 from .relay import Relay, RelayConfig
 from .security import signature_is_valid
@@ -45,6 +45,8 @@ def answer_with_stream(sid: str, caller: str, callee: str) -> VoiceResponse | No
         return None
     if services.breaker.is_open():
         log.info("call %s: streaming breaker open; answering in Gather mode", sid)
+        metrics.STREAM_FALLBACKS.labels("breaker-open").inc()
+        calllog.record_event(services.store, sid, "mode", "Gather mode: streaming breaker open")
         return None
     services.conversation.begin_call(sid, caller, callee, mode="stream")
     return twiml.connect_stream(stream_url(services), FALLBACK_PATH, {"from": caller, "to": callee})
@@ -91,15 +93,24 @@ def media_stream(ws):
         lambda: open_realtime(services),
         store=services.store,
         config=relay_config(services),
-        on_failure=services.breaker.record_failure,
+        on_failure=lambda reason: _fell_back(services, relay, reason),
         on_success=services.breaker.record_success,
         control=StreamControl(services.call_control),
     )
+    metrics.STREAMS_ACTIVE.inc()
     try:
         outcome = relay.run()
     finally:
+        metrics.STREAMS_ACTIVE.dec()
         twilio.finish()
     log.info("call %s: stream ended (%s)", relay.call_sid or "?", outcome)
+
+
+def _fell_back(services: Services, relay: Relay, reason: str) -> None:
+    """The model failed under a live call: count it, and say why in the call's timeline."""
+    services.breaker.record_failure(reason)
+    metrics.STREAM_FALLBACKS.labels(relay.outcome).inc()  # model-unreachable or model-lost
+    calllog.record_event(services.store, relay.call_sid, "mode", f"Gather mode: {reason}")
 
 
 def relay_config(services: Services) -> RelayConfig:

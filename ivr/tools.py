@@ -42,9 +42,11 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from . import calllog
 from .config import Settings
 
 log = logging.getLogger(__name__)
@@ -144,6 +146,15 @@ class ToolRegistry:
         `timeout` (default TOOL_TIMEOUT_SECONDS) lets a caller with a deadline,
         like a Gather turn, give a tool only the time the turn has left.
         """
+        began = time.monotonic()
+        output = self._run(name, arguments, call, timeout)
+        # Names the model made up are counted under one label: labels stay a fixed set.
+        calllog.note_tool(
+            name if name in self._tools else "unknown", time.monotonic() - began, output
+        )
+        return output
+
+    def _run(self, name: str, arguments: str, call: ToolCall, timeout: float | None) -> str:
         tool = self._tools.get(name)
         if tool is None or not tool.enabled(call.settings):
             return json.dumps({"error": f"no tool named {name}"})

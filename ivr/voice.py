@@ -9,9 +9,10 @@ import time
 import redis
 from flask import Blueprint, abort, jsonify, request
 
-from . import twiml
+from . import metrics, twiml
 from .calls import ENDED_STATUSES
 from .conversation import Heard, render_result
+from .logfmt import CALL_SID
 from .security import twilio_signed
 from .services import get_services
 from .streaming import FALLBACK_PATH, answer_with_stream
@@ -33,6 +34,7 @@ def twilio_webhook(view):
         sid = request.form.get("CallSid", "")
         if not sid:
             abort(400, "CallSid is required")
+        CALL_SID.set(sid)  # for LOG_FORMAT=json
         try:
             answer = view(sid, *args, **kwargs)
             if isinstance(answer, dict):
@@ -110,7 +112,9 @@ def process_speech(sid: str):
         digits=form.get("Digits", "").strip(),
         caller=form.get("From", ""),
     )
-    return get_services().conversation.take_turn(sid, _turn(), heard, started)
+    result = get_services().conversation.take_turn(sid, _turn(), heard, started)
+    metrics.count_turn(result, time.monotonic() - started)
+    return result
 
 
 @bp.post("/voice-fallback")

@@ -24,10 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 TLS = Path(__file__).resolve().parent / "fakes" / "tls"  # a self-signed certificate for 127.0.0.1
 
 
-def start_gunicorn(env: dict, port: int, log: Path) -> subprocess.Popen:
+def start_gunicorn(env: dict, port: int, log: Path, workers: int = 1) -> subprocess.Popen:
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "app:app", "--workers", "1"],
+            [sys.executable, "-m", "gunicorn", "app:app", "--workers", str(workers)],
             cwd=ROOT,
             env={**env, "PORT": str(port)},
             stdout=out,
