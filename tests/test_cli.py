@@ -113,6 +113,7 @@ def fake_app(body: bytes, status: int = 200, delay: float = 0.0):
         (b"<Reply/>", 200, 0.1, "not <Response>"),
         (b"<Response><Speak>hi</Speak></Response>", 200, 0.1, "unknown verb"),
         (b"<Response><Gather><Dial>1</Dial></Gather></Response>", 200, 0.1, "may not contain"),
+        (b"<Response><Dial>sip:agent@pbx.example.com</Dial></Response>", 200, 0.1, "<Sip>"),
         (b"oops", 500, 0.1, "HTTP 500"),
         (b"<Response/>", 200, 16.0, "Twilio gives up at 15 s"),
     ],
