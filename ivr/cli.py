@@ -141,12 +141,17 @@ def _call(args) -> int:
     else:
         from . import create_app
         from .checks import model_problem
-        from .config import ConfigError
+        from .config import ConfigError, load_settings
 
         try:
+            # Settings first: each problem is then said once, here, rather than
+            # also in the app's start-up log.
+            load_settings()
             app = create_app()
         except ConfigError as exc:
-            return _fail(" ".join(exc.problems))
+            for problem in exc.problems:
+                _fail(problem)
+            return USAGE
         services = app.extensions["ivr"]
         # Without this, every turn would wait out the LLM deadline in silence
         # and the caller would hear the error line.

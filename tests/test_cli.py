@@ -462,3 +462,15 @@ def test_ctrl_c_ends_a_call_quietly(env):
     assert proc.returncode == 130
     assert no_traceback(out, err)
     assert "KeyboardInterrupt" not in err
+
+
+def test_call_says_each_configuration_problem_once(env, monkeypatch, capsys):
+    monkeypatch.setenv("MAX_TURNS", "0")
+    monkeypatch.setenv("CALL_TTL_SECONDS", "5")
+    code, out, err = run(monkeypatch, capsys, ["call"], "hello\n")
+    assert code == 2
+    assert err.splitlines() == [
+        "ivr: CALL_TTL_SECONDS must be at least 60, not 5.",
+        "ivr: MAX_TURNS must be at least 1, not 0.",
+    ]
+    assert "MAX_TURNS" not in out
