@@ -6,6 +6,8 @@ reading a crashed dyno's log knows exactly what to fix.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 from collections.abc import Mapping
@@ -278,6 +280,8 @@ def _check(s: Settings) -> list[str]:
         problems.append(
             "END_OF_CALL_WEBHOOK_SECRET is missing: end-of-call reports are signed with it."
         )
+    elif s.end_of_call_webhook_secret:
+        problems += _webhook_secret_problems(s.end_of_call_webhook_secret)
     for name, key in (
         ("DTMF_TRANSFER_KEY", s.dtmf_transfer_key),
         ("DTMF_REPEAT_KEY", s.dtmf_repeat_key),
@@ -287,3 +291,22 @@ def _check(s: Settings) -> list[str]:
     if not s.prompts_dir.is_dir():
         problems.append(f"PROMPTS_DIR {str(s.prompts_dir)!r} is not a directory.")
     return problems
+
+
+def _webhook_secret_problems(secret: str) -> list[str]:
+    """A Standard Webhooks secret is whsec_ + base64 of 24 to 64 random bytes."""
+    hint = (
+        "END_OF_CALL_WEBHOOK_SECRET must be whsec_ followed by 24 to 64 random bytes in "
+        'base64 (Standard Webhooks), e.g. the output of: python -c "import base64, os; '
+        "print('whsec_' + base64.b64encode(os.urandom(32)).decode())\""
+    )
+    encoded = secret.removeprefix("whsec_")
+    if encoded == secret:
+        return [hint + "."]
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return [hint + "; the part after whsec_ is not base64."]
+    if not 24 <= len(key) <= 64:
+        return [hint + f"; it holds {len(key)} bytes."]
+    return []

@@ -19,10 +19,10 @@ import redis
 
 from . import twiml
 from .calls import CallStore, TurnRecord
+from .claims import Leases
 from .config import Settings
 from .llm import LLMUnavailable, Responder
 from .prompts import Prompts
-from .report import build_report
 from .speakable import make_speakable
 from .tools import ToolCall, ToolRegistry
 
@@ -51,6 +51,7 @@ class Conversation:
         prompts: Prompts,
         settings: Settings,
         tools: ToolRegistry,
+        leases: Leases,
         reports=None,
     ):
         self.store = store
@@ -58,7 +59,8 @@ class Conversation:
         self.prompts = prompts
         self.settings = settings
         self.tools = tools
-        self.reports = reports  # a report.ReportSender, when END_OF_CALL_WEBHOOK_URL is set
+        self.leases = leases
+        self.reports = reports  # a report.ReportQueue, when END_OF_CALL_WEBHOOK_URL is set
 
     # -- entry points -------------------------------------------------------------
 
@@ -90,17 +92,75 @@ class Conversation:
     def take_turn(self, sid: str, turn: int | None, heard: Heard, started: float) -> dict:
         """Answer turn `turn` of call `sid`; `started` is the request's monotonic time."""
         deadline = started + self.settings.llm_deadline
-        if turn:
-            stored, first = self._safely(
+        if not turn:
+            return self._answer_and_record(sid, turn, heard, deadline)
+        replay = self._claim_or_replay(sid, turn, deadline)
+        if replay is not None:
+            return replay
+        claim = self.store.claim_keys(sid, turn)
+        try:
+            result = self._answer_and_record(sid, turn, heard, deadline)
+        except BaseException:
+            # Failed inside a live worker: a redelivery may answer at once.
+            self._safely(sid, "release claim", lambda: self.leases.release(*claim))
+            raise
+        self.leases.forget(*claim)
+        return result
+
+    def apologise(self, sid: str, turn: int | None) -> dict:
+        """Something unexpected failed: sorry, and the call goes on with a numbered Gather."""
+        return {
+            "kind": "apology",
+            "text": self.prompts.line("apology"),
+            "next": self._next_turn(sid, turn),
+        }
+
+    def finish(self, sid: str, status: str) -> None:
+        """The call ended: keep its record for the retention period, queue its report once.
+
+        Raises redis.RedisError when the end could not be recorded, so the
+        status callback fails and Twilio sends it again.
+        """
+        self.store.finish(sid, status)
+        if self.reports and not self.store.is_reported(sid):
+            self.reports.enqueue(sid)
+            self.store.mark_reported(sid)  # only once the report is durably queued
+
+    # -- replay protection ----------------------------------------------------------
+
+    def _claim_or_replay(self, sid: str, turn: int, deadline: float) -> dict | None:
+        """None when this delivery owns the turn; else the answer to replay.
+
+        A repeated delivery waits for the first one's answer while that one's
+        worker is alive; when its claim lapses (the worker died) or is given
+        back (it failed), this delivery claims the turn and answers it.
+        """
+        owner = self.leases.owner_id()
+        while True:
+            stored, claimed = self._safely(
                 sid,
                 "begin turn",
-                lambda: self.store.begin_turn(sid, turn, int(self.settings.llm_deadline) + 10),
-                (None, True),
+                lambda: self.store.begin_turn(sid, turn, owner, self.leases.lease_ms),
+                (None, True),  # Redis down: answer without replay protection
             )
             if stored:
                 return stored
-            if not first:
-                return self._await_first_delivery(sid, turn, deadline)
+            if claimed:
+                self.leases.hold(*self.store.claim_keys(sid, turn))
+                return None
+            if time.monotonic() + REPLAY_POLL_SECONDS >= deadline:
+                return {"kind": "error", "text": self.prompts.line("error"), "next": turn + 1}
+            time.sleep(REPLAY_POLL_SECONDS)
+
+    def _next_turn(self, sid: str, turn: int | None) -> int | None:
+        """The number for the next Gather: every Gather has one, so replays are caught."""
+        if turn:
+            return turn + 1
+        return self._safely(sid, "number a turn", lambda: self.store.fresh_turn(sid))
+
+    # -- the turn -------------------------------------------------------------------
+
+    def _answer_and_record(self, sid: str, turn: int | None, heard: Heard, deadline: float) -> dict:
         result, messages = self._answer(sid, turn, heard, deadline)
         if not any(m["role"] == "assistant" and m.get("content") for m in messages):
             # Lines from prompts/ go in the transcript too, under their own role
@@ -112,22 +172,10 @@ class Conversation:
         self._safely(sid, "end turn", lambda: self.store.end_turn(sid, turn, result, messages))
         return result
 
-    def finish(self, sid: str, status: str) -> None:
-        """The call ended: keep its record for the retention period, report it once."""
-        self._safely(sid, "finish", lambda: self.store.finish(sid, status))
-        if self.reports and self._safely(sid, "claim report", lambda: self.store.claim_report(sid)):
-            report = self._safely(
-                sid, "build report", lambda: build_report(self.store, sid, status)
-            )
-            if report:
-                self.reports.send_later(report)
-
-    # -- the turn -------------------------------------------------------------------
-
     def _answer(
         self, sid: str, turn: int | None, heard: Heard, deadline: float
     ) -> tuple[dict, list[dict]]:
-        next_turn = turn + 1 if turn else None
+        next_turn = self._next_turn(sid, turn)
         settings = self.settings
         if heard.digits:
             keyed = self._keypad(sid, heard.digits, next_turn)
@@ -230,15 +278,6 @@ class Conversation:
                 "end_reason": "silence",  # as the relay records it in streaming mode
             }
         return {"kind": "reprompt", "text": self.prompts.line("reprompt"), "next": next_turn}
-
-    def _await_first_delivery(self, sid: str, turn: int, deadline: float) -> dict:
-        """A retry arrived while the first delivery is still being answered."""
-        while time.monotonic() < deadline:
-            time.sleep(REPLAY_POLL_SECONDS)
-            stored = self._safely(sid, "replay", lambda: self.store.stored_result(sid, turn))
-            if stored:
-                return stored
-        return {"kind": "error", "text": self.prompts.line("error"), "next": turn + 1}
 
     def _safely(self, sid: str, what: str, action: Callable, default=None):
         try:

@@ -8,9 +8,10 @@ Gather mode while the model is failing.
 
 from __future__ import annotations
 
+import base64
 import logging
 
-from flask import Blueprint, abort, request
+from flask import Blueprint, Response, abort, request
 from flask_sock import Sock
 from twilio.twiml.voice_response import VoiceResponse
 
@@ -55,9 +56,30 @@ def _before_handshake():
     if get_services().settings.validate_twilio_signature and not signature_is_valid():
         log.warning("refused unsigned or forged media-stream handshake")
         abort(403)
+    _check_upgrade()
     # No extensions (permessage-deflate): TwilioSocket reads plain frames, and
     # compressing base64 audio would cost CPU on every frame for little gain.
     request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+
+
+def _check_upgrade() -> None:
+    """A malformed opening handshake gets the answer RFC 6455 (section 4.2.2) asks for.
+
+    A version other than 13: 426 Upgrade Required. Not an upgrade, or a
+    key that is not 16 bytes in base64: 400. Both name the version spoken.
+    """
+    headers = request.headers
+    version = {"Sec-WebSocket-Version": "13"}
+    if headers.get("Sec-WebSocket-Version", "").strip() != "13":
+        abort(Response("WebSocket version 13 only\n", 426, version))
+    upgrade = headers.get("Upgrade", "").lower() == "websocket"
+    connection = "upgrade" in headers.get("Connection", "").lower()
+    try:
+        key = base64.b64decode(headers.get("Sec-WebSocket-Key", ""), validate=True)
+    except ValueError:
+        key = b""
+    if not (upgrade and connection and len(key) == 16):
+        abort(Response("not a WebSocket opening handshake\n", 400, version))
 
 
 @sock.route(STREAM_PATH, bp=bp)
@@ -76,7 +98,7 @@ def media_stream(ws):
     try:
         outcome = relay.run()
     finally:
-        twilio.end()
+        twilio.finish()
     log.info("call %s: stream ended (%s)", relay.call_sid or "?", outcome)
 
 

@@ -2,14 +2,30 @@
 
 URLs are relative: Twilio resolves them against the URL it just requested, so
 they stay right behind any proxy or custom domain without knowing the host.
+Every document is filtered by `xmltext.make_safe` before it leaves a builder,
+and again in `render`, so no text from a caller, the model, a tool, a prompt
+file or a setting can make it malformed.
 """
 
 from __future__ import annotations
+
+import functools
 
 from flask import Response
 from twilio.twiml.voice_response import Connect, Dial, Gather, Stream, VoiceResponse
 
 from .config import SIP_URI, Settings
+from .xmltext import make_safe, xml_safe
+
+
+def _safe(builder):
+    """A builder whose document holds only text XML 1.0 allows."""
+
+    @functools.wraps(builder)
+    def wrapper(*args, **kwargs) -> VoiceResponse:
+        return make_safe(builder(*args, **kwargs))
+
+    return wrapper
 
 
 def turn_url(turn: int | None) -> str:
@@ -17,9 +33,13 @@ def turn_url(turn: int | None) -> str:
 
 
 def _say(parent, text: str, settings: Settings) -> None:
-    parent.say(text, voice=settings.voice or None, language=settings.language or None)
+    # Twilio refuses an empty <Say>; text of unspeakable characters only is empty.
+    text = xml_safe(text).strip()
+    if text:
+        parent.say(text, voice=settings.voice or None, language=settings.language or None)
 
 
+@_safe
 def gather_turn(text: str, next_turn: int | None, settings: Settings) -> VoiceResponse:
     """Say `text` inside a speech Gather, so the caller can interrupt it.
 
@@ -41,13 +61,13 @@ def gather_turn(text: str, next_turn: int | None, settings: Settings) -> VoiceRe
         speech_model=settings.speech_model or None,
         hints=settings.speech_hints or None,
     )
-    if text:
-        _say(gather, text, settings)
+    _say(gather, text, settings)
     response.append(gather)
     response.redirect(turn_url(next_turn), method="POST")
     return response
 
 
+@_safe
 def transfer(text: str, number: str, settings: Settings) -> VoiceResponse:
     """Say the handover line, then put the caller through to a human."""
     response = VoiceResponse()
@@ -64,12 +84,14 @@ def transfer(text: str, number: str, settings: Settings) -> VoiceResponse:
     return response
 
 
+@_safe
 def hangup() -> VoiceResponse:
     response = VoiceResponse()
     response.hangup()
     return response
 
 
+@_safe
 def goodbye(text: str, settings: Settings) -> VoiceResponse:
     response = VoiceResponse()
     _say(response, text, settings)
@@ -78,10 +100,11 @@ def goodbye(text: str, settings: Settings) -> VoiceResponse:
 
 
 def render(doc: VoiceResponse, status: int = 200) -> Response:
-    """The one way views return TwiML."""
-    return Response(str(doc), status=status, mimetype="text/xml")
+    """The one way views return TwiML (documents built elsewhere are filtered here too)."""
+    return Response(str(make_safe(doc)), status=status, mimetype="text/xml")
 
 
+@_safe
 def connect_stream(stream_url: str, action_url: str, parameters: dict[str, str]) -> VoiceResponse:
     """Hand the call to the media-stream relay.
 

@@ -33,7 +33,7 @@ def start_gunicorn(env: dict, port: int, log: Path) -> subprocess.Popen:
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 90  # importing openai takes long on a busy machine
     while time.monotonic() < deadline:
         try:
             if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok:
