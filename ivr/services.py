@@ -44,6 +44,11 @@ class Services:
     breaker: StreamBreaker
     call_control: CallControl
 
+    def close(self) -> None:
+        """Close the clients' connections (an app being discarded, a CLI command done)."""
+        self.redis.close()
+        self.openai.close()
+
 
 def get_services() -> Services:
     return current_app.extensions["ivr"]

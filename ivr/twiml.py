@@ -12,9 +12,9 @@ from __future__ import annotations
 import functools
 
 from flask import Response
-from twilio.twiml.voice_response import Connect, Gather, Stream, VoiceResponse
+from twilio.twiml.voice_response import Connect, Dial, Gather, Stream, VoiceResponse
 
-from .config import Settings
+from .config import SIP_URI, Settings
 from .xmltext import make_safe, xml_safe
 
 
@@ -72,7 +72,15 @@ def transfer(text: str, number: str, settings: Settings) -> VoiceResponse:
     """Say the handover line, then put the caller through to a human."""
     response = VoiceResponse()
     _say(response, text, settings)
-    response.dial(number, caller_id=settings.transfer_caller_id or None)
+    caller_id = settings.transfer_caller_id or None
+    if SIP_URI.fullmatch(number):
+        # Twilio dials a SIP URI only as a <Sip> noun; as <Dial>'s text it is
+        # taken for a phone number and the transfer fails.
+        dial = Dial(caller_id=caller_id)
+        dial.sip(number)
+        response.append(dial)
+    else:
+        response.dial(number, caller_id=caller_id)
     return response
 
 

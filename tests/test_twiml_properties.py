@@ -12,6 +12,7 @@ import re
 import xml.etree.ElementTree as ET
 from urllib.parse import urlencode
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from werkzeug.datastructures import MultiDict
@@ -158,6 +159,12 @@ def test_any_prompt_file_gives_valid_twiml(client, fake_openai, prompts_dir, nam
     value=control_heavy,
 )
 def test_any_setting_value_gives_valid_twiml(config, fake_openai, setting, value):
+    from ivr.config import ConfigError, is_dial_target
+
+    if setting == "TRANSFER_CALLER_ID" and value.strip() and not is_dial_target(value.strip()):
+        with pytest.raises(ConfigError):  # refused at start, never sent to Twilio
+            create_app({**config, setting: value})
+        return
     app = create_app({**config, setting: value, "TRANSFER_NUMBER": "+15550009999"})
     client = app.test_client()
     sid = new_sid()
