@@ -8,6 +8,7 @@ import os
 import sys
 from datetime import UTC, datetime
 
+from .envfile import load_env_file
 from .simulator import INPUT_HELP, Simulator, TwilioWouldFail, in_process, over_http
 
 
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     transcript.add_argument("--json", action="store_true", help="print JSON")
 
     args = parser.parse_args(argv)
+    load_env_file()  # .env in the working directory, under the environment's own settings
     handlers = {
         "call": _call,
         "check": _check,
