@@ -126,7 +126,8 @@ def web(built, platform_env, tmp_path_factory):
         except requests.RequestException:
             return False
 
-    started = wait_for(lambda: healthy() or proc.poll() is not None, timeout=45)
+    # Generous: a cold worker imports the whole app, and CI machines may be busy.
+    started = wait_for(lambda: healthy() or proc.poll() is not None, timeout=120)
     if not (started and healthy()):
         proc.kill()
         proc.wait()
