@@ -41,9 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     transcript.add_argument("call_sid")
     transcript.add_argument("--json", action="store_true", help="print JSON")
 
+    _add_test_command(commands)
+
     args = parser.parse_args(argv)
     load_env_file()  # .env in the working directory, under the environment's own settings
     handlers = {
+        "test": _test,
         "call": _call,
         "check": _check,
         "configure-number": _configure_number,
@@ -110,6 +113,49 @@ def _call(args) -> int:
         f"mean {sum(times) / len(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms"
     )
     return 0
+
+
+# -- ivr test ---------------------------------------------------------------------------------
+
+
+def _add_test_command(commands) -> None:
+    test = commands.add_parser(
+        "test",
+        help="run the conversation tests in scenarios/",
+        description="Run scenario files (YAML): a scripted caller, and what the agent must "
+        "say and do. Exits 0 only when every run passes.",
+    )
+    test.add_argument(
+        "paths", nargs="*", metavar="PATH", help="scenario files or folders (default: scenarios/)"
+    )
+    test.add_argument("--url", help="test a deployment at this base URL (default: in-process)")
+    test.add_argument("--junit", metavar="FILE", help="also write the results as JUnit XML")
+    test.add_argument(
+        "--repeat", type=int, default=1, metavar="N", help="run each scenario N times (pass rate)"
+    )
+
+
+def _test(args) -> int:
+    from pathlib import Path
+
+    from .scenarios import SuiteError, run_suite
+
+    if args.repeat < 1:
+        return _fail("--repeat must be 1 or more.")
+    if not args.paths and not Path("scenarios").is_dir():
+        return _fail(
+            "no scenarios/ folder here: run `ivr test` from the app's root, or name the files."
+        )
+    try:
+        passed = run_suite(
+            args.paths or ["scenarios"],
+            url=args.url,
+            repeat=args.repeat,
+            junit=Path(args.junit) if args.junit else None,
+        )
+    except SuiteError as exc:
+        return _fail(str(exc).replace("\n", "\nivr: "))  # one line per problem
+    return 0 if passed else 1
 
 
 # -- ivr check --------------------------------------------------------------------------------

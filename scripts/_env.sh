@@ -19,6 +19,13 @@ pick_python() {
 # the project itself, editable. The locked files are downloaded once into
 # .venv/wheels, where the deploy test (tests/test_deploy.py) installs
 # requirements.txt from too, as the platform would but without the network.
+# Offline from .venv/wheels; fails when a locked file is not there yet.
+install_locked() {
+    .venv/bin/python -m pip install --no-index --find-links .venv/wheels \
+        -r requirements-dev.txt &&
+        .venv/bin/python -m pip install --no-index --find-links .venv/wheels --no-deps -e .
+}
+
 ensure_venv() {
     if [ ! -x .venv/bin/python ]; then
         "$(pick_python)" -m venv .venv
@@ -29,12 +36,10 @@ ensure_venv() {
         [ requirements.txt -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
         echo "Installing into .venv (first run, or a lock changed)..." >&2
         # Install chatter goes to a log; it is shown only if the install fails.
-        if ! { .venv/bin/python -m pip download --quiet --dest .venv/wheels \
-            -r requirements-dev.txt &&
-            .venv/bin/python -m pip install --no-index --find-links .venv/wheels \
-                -r requirements-dev.txt &&
-            .venv/bin/python -m pip install --no-index --find-links .venv/wheels \
-                --no-deps -e .; } >.venv/install.log 2>&1; then
+        if ! { install_locked || {
+            .venv/bin/python -m pip download --quiet --dest .venv/wheels \
+                -r requirements-dev.txt && install_locked
+        }; } >.venv/install.log 2>&1; then
             cat .venv/install.log >&2
             echo "Installing the package failed (log above)." >&2
             exit 1
