@@ -82,16 +82,17 @@ class Playback:
     def heard_ms(self, item_id: str, now: float) -> int:
         """Audio of `item_id` played so far: its last acknowledged mark, plus real time since.
 
-        Twilio plays at 8 bytes/ms; the estimate is capped at the item's next
-        pending mark, since audio not yet marked as sent cannot have played.
+        Twilio plays at 8 bytes/ms; the estimate is capped at what was sent of
+        the item, which is all that can have played. (Not at its next pending
+        mark: echoes already played can wait unread while this process is busy,
+        and that cap would then cut the estimate to one chunk past a stale mark.)
         """
         item = self._items.get(item_id)
         if item is None or item.started_at is None:
             return 0
         base, since = (item.acked_bytes, item.acked_at) if item.acked_at else (0, item.started_at)
         estimate = base + (now - since) * 1000 * BYTES_PER_MS
-        ceiling = next((end for it, end in self._pending.values() if it is item), item.sent_bytes)
-        return int(min(estimate, ceiling) // BYTES_PER_MS)
+        return int(min(estimate, item.sent_bytes) // BYTES_PER_MS)
 
     def interrupt(self, now: float) -> list[tuple[str, int]]:
         """The caller barged in and a clear is on its way: (item, heard ms) to truncate.
