@@ -86,6 +86,8 @@ class Settings:
     end_of_call_webhook_secret: str = env("END_OF_CALL_WEBHOOK_SECRET", "")
     end_of_call_retry_seconds: float = env("END_OF_CALL_RETRY_SECONDS", 2.0)
     prompts_dir: Path = env("PROMPTS_DIR", DEFAULT_PROMPTS_DIR)
+    hold_after: float = env("HOLD_AFTER_SECONDS", 1.5)
+    turn_max: float = env("TURN_MAX_SECONDS", 30.0)
 
     @property
     def gather_speech_timeout(self) -> str:
@@ -235,6 +237,28 @@ def _check(s: Settings) -> list[str]:
         )
     if len(s.dtmf_transfer_key) > 1 or len(s.dtmf_repeat_key) > 1:
         problems.append("DTMF_TRANSFER_KEY and DTMF_REPEAT_KEY must be one key each (or empty).")
+    problems += _check_hold(s)
     if not s.prompts_dir.is_dir():
         problems.append(f"PROMPTS_DIR {str(s.prompts_dir)!r} is not a directory.")
+    return problems
+
+
+# A slow turn holds (ivr/hold.py): the first answer must reach Twilio well
+# inside its limit, and a turn held longer than this is not worth the caller's wait.
+MAX_HOLD_AFTER = 10.0
+MAX_TURN_SECONDS = 300.0
+
+
+def _check_hold(s: Settings) -> list[str]:
+    problems = []
+    if s.hold_after != 0 and not 0.1 <= s.hold_after <= MAX_HOLD_AFTER:
+        problems.append(
+            f"HOLD_AFTER_SECONDS must be 0 (never hold) or between 0.1 and "
+            f"{MAX_HOLD_AFTER:g}, so the first answer reaches Twilio in time, not {s.hold_after:g}."
+        )
+    if not max(1.0, s.hold_after) <= s.turn_max <= MAX_TURN_SECONDS:
+        problems.append(
+            f"TURN_MAX_SECONDS must be at least 1 and HOLD_AFTER_SECONDS, and at most "
+            f"{MAX_TURN_SECONDS:g}, not {s.turn_max:g}."
+        )
     return problems

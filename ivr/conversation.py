@@ -20,6 +20,7 @@ import redis
 from . import twiml
 from .calls import CallStore, TurnRecord
 from .config import Settings
+from .hold import Hold
 from .llm import LLMUnavailable, Responder
 from .prompts import Prompts
 from .report import build_report
@@ -59,6 +60,7 @@ class Conversation:
         self.settings = settings
         self.tools = tools
         self.reports = reports  # a report.ReportSender, when END_OF_CALL_WEBHOOK_URL is set
+        self.hold = Hold(self)  # slow turns: hold lines and /turn-wait
 
     # -- entry points -------------------------------------------------------------
 
@@ -89,19 +91,35 @@ class Conversation:
 
     def take_turn(self, sid: str, turn: int | None, heard: Heard, started: float) -> dict:
         """Answer turn `turn` of call `sid`; `started` is the request's monotonic time."""
-        deadline = started + self.settings.llm_deadline
+        settings = self.settings
+        deadline = started + settings.llm_deadline
+        holding = bool(turn and settings.hold_after)
         if turn:
+            claim = int(settings.turn_max if holding else settings.llm_deadline) + 10
             stored, first = self._safely(
-                sid,
-                "begin turn",
-                lambda: self.store.begin_turn(sid, turn, int(self.settings.llm_deadline) + 10),
-                (None, True),
+                sid, "begin turn", lambda: self.store.begin_turn(sid, turn, claim), (None, True)
             )
             if stored:
                 return stored
             if not first:
+                if holding:  # -- hold hook (ivr/hold.py): a retry waits like /turn-wait
+                    return self.hold.wait(
+                        sid, turn, started + settings.hold_after - time.monotonic()
+                    )
                 return self._await_first_delivery(sid, turn, deadline)
-        result, messages = self._answer(sid, turn, heard, deadline)
+        if holding:  # -- hold hook: slow answers go on in the background behind a hold line
+            return self.hold.run(sid, turn, heard, started)
+        result, messages = self.answer_turn(sid, turn, heard, deadline)
+        return self.end_turn(sid, turn, result, messages)
+
+    def wait_for_turn(self, sid: str, turn: int | None) -> dict:
+        """/turn-wait: a held turn's answer, as soon as it is stored."""
+        if not turn:
+            return {"kind": "error", "text": self.prompts.line("error"), "next": None}
+        return self.hold.wait(sid, turn)
+
+    def end_turn(self, sid: str, turn: int | None, result: dict, messages: list[dict]) -> dict:
+        """Store the turn's answer (for replays) and its messages; returns the answer."""
         if not any(m["role"] == "assistant" and m.get("content") for m in messages):
             # Lines from prompts/ go in the transcript too, under their own role
             # so the model's history holds only the conversation itself.
@@ -124,9 +142,10 @@ class Conversation:
 
     # -- the turn -------------------------------------------------------------------
 
-    def _answer(
+    def answer_turn(
         self, sid: str, turn: int | None, heard: Heard, deadline: float
     ) -> tuple[dict, list[dict]]:
+        """What to say for the caller's words, and the messages to record; stores nothing."""
         next_turn = turn + 1 if turn else None
         settings = self.settings
         if heard.digits:
@@ -248,4 +267,6 @@ def render_result(result: dict, settings: Settings):
         return twiml.goodbye(result["text"], settings)
     if result["kind"] == "transfer":
         return twiml.transfer(result["text"], result["number"], settings)
+    if result["kind"] == "hold":
+        return twiml.hold(result["text"], result["next"], result["wait"], settings)
     return twiml.gather_turn(result["text"], result.get("next"), settings)
