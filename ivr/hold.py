@@ -220,14 +220,12 @@ class Hold:
 
     def hold_line(self, sid: str, turn: int) -> dict:
         """A line from prompts/hold.txt, not the one this call heard last."""
-        lines = self._lines()
         key = self._key(sid, "hold")
         try:
             last = self.redis.get(key)
         except redis.RedisError:
             last = None
-        last = last.decode() if isinstance(last, bytes) else last
-        text = random.choice([line for line in lines if line != last] or lines)
+        text = pick_line(self.prompts, last.decode() if isinstance(last, bytes) else last)
         try:
             with self.redis.pipeline(transaction=False) as pipe:
                 pipe.set(key, text, ex=self.settings.call_ttl)
@@ -237,12 +235,15 @@ class Hold:
             log.warning("call %s: hold line not recorded: %s", sid, exc)
         return {"kind": "hold", "text": text, "next": turn + 1, "wait": turn}
 
-    def _lines(self) -> list[str]:
-        text = self.prompts.say("hold", "\n".join(BUILT_IN_HOLD_LINES))
-        return [line.strip() for line in text.splitlines() if line.strip()]
-
     def _key(self, sid: str, part: str) -> str:
         return self.store._key(sid, part)
+
+
+def pick_line(prompts, last: str | None) -> str:
+    """A line of prompts/hold.txt (one per line), never `last` when there is a choice."""
+    text = prompts.say("hold", "\n".join(BUILT_IN_HOLD_LINES))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return random.choice([line for line in lines if line != last] or lines)
 
 
 def _patient(conversation):

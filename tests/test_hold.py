@@ -11,6 +11,8 @@ import pytest
 from ivr import create_app, hold
 
 from .fakes.openai_server import CallTool, Hang, Reply
+from .test_stream_control import serve, twilio_api  # noqa: F401 (fixtures used below)
+from .test_streaming import open_stream
 from .twilio_sim import TwilioCall, parse, signed_post, spoken
 from .waiting import wait_for
 
@@ -54,7 +56,8 @@ def results(redis, sid: str) -> dict:
 
 def test_a_fast_answer_is_served_as_without_holding(hold_config, fake_openai, redis):
     fake_openai.queue(Reply("Quick answer.", delay=0.05), Reply("Quick answer.", delay=0.05))
-    held = TwilioCall(create_app(hold_config).test_client())
+    # The default HOLD_AFTER_SECONDS (1.5): a loaded test machine stays well inside it.
+    held = TwilioCall(create_app({**hold_config, "HOLD_AFTER_SECONDS": "1.5"}).test_client())
     plain = TwilioCall(create_app({**hold_config, "HOLD_AFTER_SECONDS": "0"}).test_client())
     for call in (held, plain):
         call.start()
@@ -118,7 +121,9 @@ def test_past_turn_max_the_caller_hears_the_error_line_and_the_call_goes_on(
     call.hold_through()
     assert spoken(call.last) == [(prompts_dir / "error.txt").read_text().strip()]
     assert call.gather.get("action") == "/process-speech?turn=2"
-    assert spoken(call.say("Hello again")) == ["You said: Hello again"]
+    call.say("Hello again")
+    call.hold_through()
+    assert spoken(call.last) == ["You said: Hello again"]
 
 
 def test_retried_deliveries_get_the_same_outcome_and_ask_the_llm_once(
@@ -156,7 +161,9 @@ def test_speech_over_a_hold_line_is_the_next_turn_and_the_late_answer_is_kept_un
     fake_openai.queue(Reply("The late answer.", delay=1.0), Reply("About the refund: yes."))
     call.say("What about my order?")
     # The caller talks over the hold line: Twilio posts the hold Gather's action.
-    assert spoken(call.say("And a refund?")) == ["About the refund: yes."]
+    call.say("And a refund?")
+    call.hold_through()
+    assert spoken(call.last) == ["About the refund: yes."]
     assert wait_for(lambda: 1 in results(redis, call.sid), timeout=5)
     (late,) = [e for e in transcript(call) if e["content"] == "The late answer."]
     assert late["unheard"] is True
@@ -174,3 +181,33 @@ def test_hold_settings_are_checked_at_start(config):
         create_app({**config, "HOLD_AFTER_SECONDS": "14"})
     with pytest.raises(ConfigError, match="TURN_MAX_SECONDS must be at least 1"):
         create_app({**config, "TURN_MAX_SECONDS": "0.5"})
+
+
+@pytest.mark.usefixtures("twilio_api")
+def test_a_slow_tool_in_streaming_mode_says_a_hold_line_then_the_result_returns(
+    request, fake_openai, prompts_dir
+):
+    serve_app = request.getfixturevalue("serve")
+    live = serve_app(TOOLS_MODULES="tests.agent_tools_example", HOLD_AFTER_SECONDS="0.2")
+    fake_openai.realtime.response_ms = 1000  # the hold line still plays when the tool ends
+    fake_openai.realtime.tool_calls = [("lookup_slowly", '{"seconds": 0.6}')]
+    media = open_stream(live)
+    media.talk([("silence", 500), ("speech", 400), ("silence", 400)])
+
+    def outputs():
+        return [
+            e
+            for e in fake_openai.events("conversation.item.create")
+            if e["item"]["type"] == "function_call_output"
+        ]
+
+    assert wait_for(outputs, timeout=8)
+    # After the output, a response that answers it (one that the fake started).
+    assert wait_for(lambda: len(fake_openai.events("fake.response_started")) >= 2, timeout=8)
+    media.hang_up()
+    creates = fake_openai.events("response.create")
+    instructions = [e.get("response", {}).get("instructions", "") for e in creates]
+    said = [text for text in instructions if "nothing else" in text]
+    assert len(said) == 1 and any(line in said[0] for line in hold_lines(prompts_dir))
+    assert json.loads(outputs()[0]["item"]["output"]) == {"found": True, "after_seconds": 0.6}
+    assert "instructions" not in creates[-1].get("response", {})  # the answer to the tool
