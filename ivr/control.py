@@ -211,7 +211,10 @@ class StreamControl:
         with self._hold_lock:
             self._holding = True
         self._hold_line = pick_line(self.control.prompts, self._hold_line)
-        self.relay.say(self._hold_line)
+        try:
+            self.relay.say(self._hold_line)
+        except OSError as exc:  # the model is gone; the relay falls back on its own
+            log.warning("call %s: hold line not said: %s", self.relay.call_sid, exc)
 
     def _after_hold(self, send) -> None:
         """Send now, or once the hold line's response is done: the model refuses

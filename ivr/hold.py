@@ -64,7 +64,7 @@ class Heartbeats:
         self.redis.set(key, value, px=BEAT_TTL_MS)
         with self._lock:
             self._owned[key] = value
-            if self._thread is None or not self._thread.is_alive():
+            if self._thread is None:
                 # Started on first use, in the worker process, never before a fork.
                 self._thread = threading.Thread(target=self._beat, daemon=True, name="heartbeat")
                 self._thread.start()
@@ -82,8 +82,10 @@ class Heartbeats:
             time.sleep(BEAT_SECONDS)
             with self._lock:
                 owned = dict(self._owned)
-            if not owned:
-                continue
+                if not owned:
+                    # Nothing to keep alive: stop, so an idle worker exits promptly.
+                    self._thread = None
+                    return
             try:
                 with self.redis.pipeline(transaction=False) as pipe:
                     for key, value in owned.items():

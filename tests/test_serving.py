@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TLS = Path(__file__).resolve().parent / "fakes" / "tls"  # a self-signed certificate for 127.0.0.1
 
 
-def start_gunicorn(env: dict, port: int, log: Path) -> subprocess.Popen:
+def start_gunicorn(env: dict, port: int, log: Path, boot_seconds: float = 30) -> subprocess.Popen:
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "app:app", "--workers", "1"],
@@ -33,7 +33,7 @@ def start_gunicorn(env: dict, port: int, log: Path) -> subprocess.Popen:
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + boot_seconds
     while time.monotonic() < deadline:
         try:
             if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok:
