@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -36,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.turns import Services, pct, signed  # noqa: E402
+from tests.fakes.redis_server import free_port  # noqa: E402
 
 SECONDS_PER_WORD = 0.37
 GATHER_TIMEOUT = 1.0
@@ -45,11 +47,11 @@ def speaking_time(text: str) -> float:
     return SECONDS_PER_WORD * len(text.split())
 
 
-def one_turn(url: str, sid: str, listen: bool, session: requests.Session) -> dict:
+def one_turn(url: str, sid: str, delay: float, listen: bool, session: requests.Session) -> dict:
     base = {"CallSid": sid, "From": "+15550000000", "To": "+15551111111"}
     session.post(url + "/voice", data=base, headers=signed(url + "/voice", base), timeout=20)
     target = f"{url}/process-speech?turn=1"
-    params = {**base, "SpeechResult": "Where is my order?", "Confidence": "0.9"}
+    params = {**base, "SpeechResult": f"Where is my order? (wait {delay:g} s)", "Confidence": "0.9"}
     started = time.perf_counter()
     response = session.post(target, data=params, headers=signed(target, params), timeout=20)
     first_audio = time.perf_counter() - started
@@ -78,7 +80,7 @@ def one_turn(url: str, sid: str, listen: bool, session: requests.Session) -> dic
     }
 
 
-def run(url: str, calls: int, listen: bool, tag: str) -> dict:
+def run(url: str, calls: int, delay: float, listen: bool, tag: str) -> dict:
     results: list[dict] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -87,7 +89,7 @@ def run(url: str, calls: int, listen: bool, tag: str) -> dict:
         time.sleep(2.0 * i / calls)  # calls start spread over 2 s
         try:
             with requests.Session() as session:
-                outcome = one_turn(url, f"CA{tag}{i:024x}", listen, session)
+                outcome = one_turn(url, f"CA{tag}{i:024x}", delay, listen, session)
             with lock:
                 results.append(outcome)
         except Exception as exc:  # counted, not raised
@@ -122,16 +124,25 @@ def main() -> None:
     svc = Services()
     rows = []
     try:
-        url = svc.gunicorn("app:app", workers=args.workers)
+        # The fake LLM in its own process, so the load generator does not share
+        # its GIL; each request waits as long as the caller's words ask.
+        llm_port = free_port()
+        svc.procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.fakes.openai_server", str(llm_port)], cwd=ROOT
+            )
+        )
+        llm_url = f"http://127.0.0.1:{llm_port}/v1"
+        url = svc.gunicorn("app:app", workers=args.workers, env={"OPENAI_BASE_URL": llm_url})
+        run(url, 1, 0.1, True, "ff")  # warm-up: imports, connections
         for n, delay in enumerate(args.delays):
-            svc.fake.default_delay = delay
             for calls in (1, args.calls):
                 for listen in (True, False):
                     tag = f"{n:02x}{calls:04x}{int(listen):02x}"
-                    outcome = run(url, calls, listen, tag)
+                    outcome = run(url, calls, delay, listen, tag)
                     style = "Gather" if listen else "plain"
                     rows.append({"delay": delay, "style": style, **outcome})
-                    print(_row(rows[-1]), flush=True)
+                    print(_row(rows[-1]), rows[-1]["first_errors"], flush=True)
     finally:
         svc.close()
     if args.json:

@@ -211,3 +211,26 @@ def test_a_slow_tool_in_streaming_mode_says_a_hold_line_then_the_result_returns(
     assert len(said) == 1 and any(line in said[0] for line in hold_lines(prompts_dir))
     assert json.loads(outputs()[0]["item"]["output"]) == {"found": True, "after_seconds": 0.6}
     assert "instructions" not in creates[-1].get("response", {})  # the answer to the tool
+
+
+def test_the_simulator_follows_hold_lines_as_twilio_does(hold_config, fake_openai, prompts_dir):
+    from ivr.simulator import Simulator, in_process
+
+    app = create_app(hold_config)
+    script = iter(["Something slow", None])
+    out: list[str] = []
+    simulator = Simulator(
+        in_process(app),
+        base_url="http://localhost",
+        auth_token=hold_config["TWILIO_AUTH_TOKEN"],
+        read_line=lambda: next(script),
+        write=out.append,
+    )
+    fake_openai.queue(Reply("Worth the wait.", delay=1.0))
+    summary = simulator.run()
+    hold_at = next(
+        i for i, line in enumerate(out) if line[len("agent: ") :] in hold_lines(prompts_dir)
+    )
+    assert out[hold_at + 1] == "[listening 1 s; the caller waits]"
+    assert "agent: Worth the wait." in out[hold_at + 2 :]
+    assert [path for path, _ in summary.webhooks].count("/turn-wait") >= 1
