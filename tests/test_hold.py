@@ -132,7 +132,7 @@ def test_retried_deliveries_get_the_same_outcome_and_ask_the_llm_once(
     app = create_app(hold_config)
     call = TwilioCall(app.test_client())
     call.start()
-    fake_openai.queue(Reply("Only once.", delay=1.0))
+    fake_openai.queue(Reply("Only once.", delay=3.0))  # outlasts a loaded machine
     action = call.gather.get("action")
     first = call.say("Tell me once")
     retry = call.post(action, SpeechResult="Tell me once", Confidence="0.92")
