@@ -40,6 +40,8 @@ def run_checks(environ: Mapping[str, str] | None = None) -> list[Check]:
         _redis(services),
         _llm(services),
     ]
+    if settings.redis_cluster:
+        results.append(_redis_cluster(services))
     if services.call_control.twilio_rest is not None:
         results.append(_twilio(services))
     if settings.streaming_enabled:
@@ -84,6 +86,26 @@ def _redis(services: Services) -> Check:
             "the server accepts connections from here.",
         )
     return Check("redis", True, "reachable")
+
+
+def _redis_cluster(services: Services) -> Check:
+    """REDIS_CLUSTER=true: every hash slot served, so any call's keys can be written."""
+    try:
+        info = services.redis.cluster_info()
+    except Exception as exc:  # unreachable, or not a cluster at all
+        return Check(
+            "redis cluster",
+            False,
+            f"Cannot read the cluster's state ({exc}); check that REDIS_URL names a node "
+            "of a Redis Cluster, or set REDIS_CLUSTER=false.",
+        )
+    detail = (
+        f"cluster_state {info['cluster_state']}, {info['cluster_size']} primaries, "
+        f"{info['cluster_slots_ok']} of 16384 slots served"
+    )
+    if info["cluster_state"] != "ok" or int(info["cluster_slots_ok"]) < 16384:
+        return Check("redis cluster", False, f"{detail}; calls on the other slots fail.")
+    return Check("redis cluster", True, detail)
 
 
 def _llm(services: Services) -> Check:

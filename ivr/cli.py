@@ -40,8 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     transcript.add_argument("call_sid")
     transcript.add_argument("--json", action="store_true", help="print JSON")
 
+    _add_test_command(commands)
+
     args = parser.parse_args(argv)
     handlers = {
+        "test": _test,
         "call": _call,
         "check": _check,
         "configure-number": _configure_number,
@@ -112,6 +115,49 @@ def _call(args) -> int:
     return 0
 
 
+# -- ivr test ---------------------------------------------------------------------------------
+
+
+def _add_test_command(commands) -> None:
+    test = commands.add_parser(
+        "test",
+        help="run the conversation tests in scenarios/",
+        description="Run scenario files (YAML): a scripted caller, and what the agent must "
+        "say and do. Exits 0 only when every run passes.",
+    )
+    test.add_argument(
+        "paths", nargs="*", metavar="PATH", help="scenario files or folders (default: scenarios/)"
+    )
+    test.add_argument("--url", help="test a deployment at this base URL (default: in-process)")
+    test.add_argument("--junit", metavar="FILE", help="also write the results as JUnit XML")
+    test.add_argument(
+        "--repeat", type=int, default=1, metavar="N", help="run each scenario N times (pass rate)"
+    )
+
+
+def _test(args) -> int:
+    from pathlib import Path
+
+    from .scenarios import SuiteError, run_suite
+
+    if args.repeat < 1:
+        return _fail("--repeat must be 1 or more.")
+    if not args.paths and not Path("scenarios").is_dir():
+        return _fail(
+            "no scenarios/ folder here: run `ivr test` from the app's root, or name the files."
+        )
+    try:
+        passed = run_suite(
+            args.paths or ["scenarios"],
+            url=args.url,
+            repeat=args.repeat,
+            junit=Path(args.junit) if args.junit else None,
+        )
+    except SuiteError as exc:
+        return _fail(str(exc).replace("\n", "\nivr: "))  # one line per problem
+    return 0 if passed else 1
+
+
 # -- ivr check --------------------------------------------------------------------------------
 
 
@@ -172,12 +218,14 @@ def _configure_number(args) -> int:
 
 def _transcript(args) -> int:
     from .calls import CallStore, ended_by
+    from .config import _TRUE
     from .services import build_redis
 
     url = os.environ.get("REDIS_URL")
     if not url:
         return _fail("REDIS_URL is not set: transcripts are kept in the app's Redis.")
-    store = CallStore(build_redis(url), history_max=1, ttl=60, retention=60)
+    cluster = os.environ.get("REDIS_CLUSTER", "").strip().lower() in _TRUE
+    store = CallStore(build_redis(url, cluster), history_max=1, ttl=60, retention=60)
     meta, entries = store.meta(args.call_sid), store.transcript(args.call_sid)
     if not meta and not entries:
         return _fail(f"no call {args.call_sid} (unknown, or past its retention period).")

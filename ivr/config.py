@@ -49,6 +49,7 @@ class Settings:
     llm_max_tokens: int = env("LLM_MAX_TOKENS", 300)
 
     redis_url: str = env("REDIS_URL", "")
+    redis_cluster: bool = env("REDIS_CLUSTER", False)
     history_max_messages: int = env("HISTORY_MAX_MESSAGES", 20)
     call_ttl: int = env("CALL_TTL_SECONDS", 4 * 3600)
     transcript_retention: int = env("TRANSCRIPT_RETENTION_SECONDS", 7 * 24 * 3600)
@@ -194,6 +195,11 @@ def _check(s: Settings) -> list[str]:
     if s.redis_url and not s.redis_url.startswith(("redis://", "rediss://", "unix://")):
         problems.append(
             f"REDIS_URL must start with redis://, rediss:// or unix://, not {s.redis_url!r}."
+        )
+    if s.redis_cluster and not s.redis_url.startswith(("redis://", "rediss://")):
+        problems.append(
+            "REDIS_CLUSTER=true needs REDIS_URL to name one node of the cluster "
+            "(redis:// or rediss://)."
         )
     if s.realtime_turn_detection not in ("server_vad", "semantic_vad"):
         problems.append(

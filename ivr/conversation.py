@@ -242,7 +242,12 @@ class Conversation:
             )
         streak = self._safely(sid, "count reprompt", lambda: self.store.count_reprompt(sid), 1)
         if streak > self.settings.reprompt_limit:
-            return {"kind": "goodbye", "text": self.prompts.line("goodbye"), "next": None}
+            return {
+                "kind": "goodbye",
+                "text": self.prompts.line("goodbye"),
+                "next": None,
+                "end_reason": "silence",  # as the relay records it in streaming mode
+            }
         return {"kind": "reprompt", "text": self.prompts.line("reprompt"), "next": next_turn}
 
     def _await_first_delivery(self, sid: str, turn: int, deadline: float) -> dict:

@@ -73,6 +73,32 @@ class Reply:
     messages: list[dict] = field(default_factory=list)  # new history, tool calls included
 
 
+def _well_formed(tool_calls: list, round_number: int) -> list[dict]:
+    """Tool calls in the shape the API requires when they are sent back.
+
+    OpenAI-compatible servers sometimes leave out the id, the function, its
+    name or its arguments. Each call still gets an id (the tool result must
+    name it) and a name (the registry answers "no tool named ..." to the model),
+    so the turn goes on instead of failing on a missing key.
+    """
+    formed = []
+    for index, tool_call in enumerate(tool_calls):
+        tool_call = tool_call if isinstance(tool_call, dict) else {}
+        function = tool_call.get("function")
+        function = function if isinstance(function, dict) else {}
+        formed.append(
+            {
+                "id": tool_call.get("id") or f"call_ivr_{round_number}_{index}",
+                "type": "function",
+                "function": {
+                    "name": function.get("name") or "",
+                    "arguments": function.get("arguments") or "{}",
+                },
+            }
+        )
+    return formed
+
+
 class Responder:
     """Asks the chat model for the agent's next line, running the tools it calls."""
 
@@ -112,7 +138,7 @@ class Responder:
             message = self._complete(
                 messages, deadline, offered if round_number < MAX_TOOL_ROUNDS else [], retry_until
             )
-            tool_calls = message.get("tool_calls") or []
+            tool_calls = _well_formed(message.get("tool_calls") or [], round_number)
             text = (message.get("content") or "").strip()
             if not tool_calls:
                 if not text:
@@ -123,17 +149,11 @@ class Responder:
             messages.append(asked)
             new.append(asked)
             for tool_call in tool_calls:
-                function = tool_call.get("function", {})
+                function = tool_call["function"]
                 # A tool gets at most what the turn has left: Twilio's 15 s holds.
                 left = max(0.1, min(call.settings.tool_timeout, deadline - time.monotonic()))
-                result = tools.run(
-                    function.get("name", ""), function.get("arguments", ""), call, timeout=left
-                )
-                answer = {
-                    "role": "tool",
-                    "tool_call_id": tool_call.get("id", ""),
-                    "content": result,
-                }
+                result = tools.run(function["name"], function["arguments"], call, timeout=left)
+                answer = {"role": "tool", "tool_call_id": tool_call["id"], "content": result}
                 messages.append(answer)
                 new.append(answer)
             if call.action:

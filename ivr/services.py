@@ -23,6 +23,7 @@ from .control import CallControl
 from .conversation import Conversation
 from .llm import Responder
 from .prompts import Prompts
+from .redis_cluster import ClusterClient
 from .report import ReportSender
 from .tools import load_modules
 from .tools import registry as tool_registry
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 class Services:
     settings: Settings
     prompts: Prompts
-    redis: redis.Redis
+    redis: redis.Redis | ClusterClient
     openai: openai.OpenAI
     store: CallStore
     responder: Responder
@@ -47,8 +48,12 @@ def get_services() -> Services:
     return current_app.extensions["ivr"]
 
 
-def build_redis(url: str) -> redis.Redis:
-    """The app's Redis client for REDIS_URL; an in-process store when it is empty."""
+def build_redis(url: str, cluster: bool = False) -> redis.Redis | ClusterClient:
+    """The app's Redis client for REDIS_URL; an in-process store when it is empty.
+
+    With `cluster`, REDIS_URL names any node of a Redis Cluster and the client
+    discovers the rest.
+    """
     if not url:
         import fakeredis  # only needed for single-process local use
 
@@ -68,12 +73,14 @@ def build_redis(url: str) -> redis.Redis:
         # Heroku Redis presents a self-signed certificate; the connection is
         # still encrypted, but the certificate cannot be verified.
         options["ssl_cert_reqs"] = None
+    if cluster:
+        return ClusterClient(url, **options)
     return redis.Redis.from_url(url, **options)
 
 
 def build_services(settings: Settings, prompts: Prompts) -> Services:
     load_modules(settings.tools_modules)
-    redis_client = build_redis(settings.redis_url)
+    redis_client = build_redis(settings.redis_url, settings.redis_cluster)
     openai_client = openai.OpenAI(
         api_key=settings.openai_api_key,
         base_url=settings.openai_base_url or None,

@@ -95,6 +95,7 @@ class Summary:
     webhooks: list[tuple[str, float]] = field(default_factory=list)
     turns: int = 0
     ended_by: str = ""
+    transferred_to: str = ""
 
 
 class Simulator:
@@ -104,16 +105,18 @@ class Simulator:
         *,
         base_url: str,
         auth_token: str,
-        read_line: Callable[[], str | None],
+        read_line: Callable[[], str | CallerInput | None],
         write: Callable[[str], None],
         caller: str = "+15550100000",
         callee: str = "+15550100001",
+        on_agent: Callable[[str], None] = lambda text: None,
     ):
         self.post = post
         self.base_url = base_url.rstrip("/")
         self.validator = RequestValidator(auth_token)
         self.read_line = read_line
         self.write = write
+        self.on_agent = on_agent  # each line the agent says (the scenario runner reads them)
         self.sid = "CA" + secrets.token_hex(16)
         self.caller, self.callee = caller, callee
         self.summary = Summary()
@@ -165,6 +168,7 @@ class Simulator:
                 number = (verb.text or "").strip() or "".join(c.text or "" for c in verb)
                 self.write(f"[transferred to {number}; the simulator ends the call here]")
                 self.summary.ended_by = f"transferred to {number}"
+                self.summary.transferred_to = number
                 return url, None
             elif tag == "Connect":
                 stream = verb.find("Stream")
@@ -186,6 +190,7 @@ class Simulator:
     def _speak(self, verb: ET.Element) -> None:
         if verb.tag == "Say":
             self.write(f"agent: {(verb.text or '').strip()}")
+            self.on_agent((verb.text or "").strip())
         elif verb.tag == "Play":
             self.write(f"agent: [plays {(verb.text or '').strip()}]")
         elif verb.tag == "Pause":
@@ -195,7 +200,7 @@ class Simulator:
         line = self.read_line()
         if line is None:
             return None
-        heard = parse_input(line)
+        heard = line if isinstance(line, CallerInput) else parse_input(line)
         inputs = (gather.get("input") or "dtmf").split()
         params: dict[str, str] = {}
         if heard.digits and "dtmf" in inputs:

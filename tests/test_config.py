@@ -122,3 +122,91 @@ def test_env_example_is_a_valid_configuration_once_the_secrets_are_filled_in(tmp
     environ.update(TWILIO_AUTH_TOKEN="t", OPENAI_API_KEY="k", PROMPTS_DIR=str(root / "prompts"))
     settings = load_settings(environ=environ)
     assert settings.max_turns == 50
+
+
+def _example_values() -> dict[str, str]:
+    from pathlib import Path
+
+    from ivr.config import ENV_NAMES
+
+    example = Path(__file__).resolve().parent.parent / ".env.example"
+    pairs = (
+        line.split("=", 1)
+        for line in example.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    )
+    # PROMPTS_DIR is relative to where the app runs; the tests give their own.
+    return {
+        name: value
+        for name, value in pairs
+        if name in ENV_NAMES and value.strip() and name != "PROMPTS_DIR"
+    }
+
+
+@pytest.mark.parametrize("name, value", sorted(_example_values().items()))
+def test_env_example_states_the_real_default(name, value, prompts_dir):
+    """A deployer reads the defaults in .env.example: they must be the ones the app uses."""
+    from dataclasses import fields
+
+    from ivr.config import Settings
+
+    base = {**BASE, "PROMPTS_DIR": str(prompts_dir)}
+    if name == "STREAMING_ENABLED" or name.startswith("TWILIO_"):
+        base["TWILIO_ACCOUNT_SID"] = "AC" + "0" * 32
+    (attribute,) = [f.name for f in fields(Settings) if f.metadata["env"] == name]
+    default = getattr(load_settings(environ={}, overrides=base), attribute)
+    stated = getattr(load_settings(environ={}, overrides={**base, name: value}), attribute)
+    assert stated == default, f"{name}={value} in .env.example, but the default is {default!r}"
+
+
+# Each limit: a value just outside it is refused naming the variable, one at the edge is taken.
+LIMITS = [
+    ("CONFIDENCE_THRESHOLD", "-0.01", "0"),
+    ("CONFIDENCE_THRESHOLD", "1.01", "1"),
+    ("LLM_DEADLINE_SECONDS", "0", "0.5"),
+    ("LLM_DEADLINE_SECONDS", "12.5", "12"),
+    ("LLM_ATTEMPT_TIMEOUT_SECONDS", "0", "0.1"),
+    ("REPROMPT_LIMIT", "0", "1"),
+    ("HISTORY_MAX_MESSAGES", "1", "2"),
+    ("MAX_REPLY_CHARS", "39", "40"),
+    ("CALL_TTL_SECONDS", "59", "60"),
+    ("TRANSCRIPT_RETENTION_SECONDS", "59", "60"),
+    ("SPEECH_TIMEOUT", "0", "1"),
+    ("SPEECH_TIMEOUT", "soon", "auto"),
+    ("PUBLIC_BASE_URL", "agent.example.com", "http://agent.example.com"),
+    ("PUBLIC_BASE_URL", "ftp://agent.example.com", "https://agent.example.com"),
+    ("REDIS_URL", "localhost:6379", "unix:///run/redis.sock"),
+    ("REDIS_URL", "http://localhost:6379", "rediss://localhost:6380"),
+    ("REALTIME_TURN_DETECTION", "vad", "semantic_vad"),
+    ("STREAM_CONNECT_TIMEOUT_SECONDS", "0", "0.1"),
+    ("STREAM_CONNECT_TIMEOUT_SECONDS", "10.5", "10"),
+    ("STREAM_BREAKER_THRESHOLD", "0", "1"),
+    ("STREAM_BREAKER_COOLDOWN_SECONDS", "0", "1"),
+    ("MAX_CALL_SECONDS", "0", "1"),
+    ("MAX_TURNS", "0", "1"),
+    ("TOOL_TIMEOUT_SECONDS", "0", "0.1"),
+    ("END_OF_CALL_WEBHOOK_URL", "ftp://reports.example.com", ""),
+    ("DTMF_TRANSFER_KEY", "12", "#"),
+    ("DTMF_REPEAT_KEY", "**", ""),
+]
+
+
+@pytest.mark.parametrize("name, outside, edge", LIMITS)
+def test_each_limit_is_enforced_at_its_edge(name, outside, edge, prompts_dir):
+    base = {**BASE, "PROMPTS_DIR": str(prompts_dir)}
+    found = problems(**{**base, name: outside})
+    assert any(name in problem for problem in found), found
+    load_settings(environ={}, overrides={**base, name: edge})
+
+
+def test_streaming_needs_the_account_sid(prompts_dir):
+    base = {**BASE, "PROMPTS_DIR": str(prompts_dir), "STREAMING_ENABLED": "true"}
+    (problem,) = problems(**base)
+    assert problem.startswith("TWILIO_ACCOUNT_SID is missing")
+    load_settings(environ={}, overrides={**base, "TWILIO_ACCOUNT_SID": "AC" + "0" * 32})
+
+
+def test_reports_need_their_secret(prompts_dir):
+    base = {**BASE, "PROMPTS_DIR": str(prompts_dir)}
+    found = problems(**base, END_OF_CALL_WEBHOOK_URL="https://reports.example.com/calls")
+    assert any("END_OF_CALL_WEBHOOK_SECRET" in problem for problem in found)

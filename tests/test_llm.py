@@ -8,9 +8,11 @@ import openai
 import pytest
 
 from ivr import create_app
-from ivr.llm import LLMUnavailable, Responder
+from ivr.config import Settings
+from ivr.llm import MAX_TOOL_ROUNDS, LLMUnavailable, Responder
+from ivr.tools import ToolCall, registry
 
-from .fakes.openai_server import Fail, Hang, Reply
+from .fakes.openai_server import CallTool, Fail, Hang, RawMessage, Reply
 from .fakes.redis_server import free_port
 from .twilio_sim import TwilioCall, spoken
 
@@ -116,3 +118,90 @@ def test_a_hanging_llm_is_cut_off_by_the_deadline(config, fake_openai, prompts_d
     root = call.say("Hello?")
     assert time.monotonic() - started < 5  # a hang would last 30 s
     assert spoken(root) == [(prompts_dir / "error.txt").read_text().strip()]
+
+
+def test_too_little_time_left_sends_no_request(responder, fake_openai):
+    """Under MIN_ATTEMPT_SECONDS (0.3 s) an attempt cannot finish: none is made."""
+    with pytest.raises(LLMUnavailable):
+        ask(responder, budget=0.25)
+    assert fake_openai.chat_requests == []
+    assert ask(responder, budget=0.5) == "You said: hi"
+
+
+def test_retries_back_off_exponentially(responder, fake_openai):
+    """0.2 s, then 0.4 s (plus up to 0.2 s jitter each) between attempts."""
+    fake_openai.queue(Fail(500), Fail(500), Reply("third time"))
+    started = time.monotonic()
+    assert ask(responder, budget=3.0) == "third time"
+    assert time.monotonic() - started >= 0.6
+    assert len(fake_openai.chat_requests) == 3
+
+
+def _reply_with_tools(responder, budget=3.0):
+    call = ToolCall(call_sid="CA" + "7" * 32, caller="+15550001111", settings=Settings())
+    reply = responder.reply(
+        "be brief",
+        [{"role": "user", "content": "hi"}],
+        time.monotonic() + budget,
+        tools=registry,
+        call=call,
+    )
+    return reply, call
+
+
+def test_tool_rounds_are_capped_and_the_last_round_must_answer_in_words(responder, fake_openai):
+    fake_openai.queue(*[CallTool("no_such_tool") for _ in range(MAX_TOOL_ROUNDS)], Reply("words"))
+    reply, _ = _reply_with_tools(responder)
+    assert reply.text == "words"
+    sent = fake_openai.chat_requests
+    assert len(sent) == MAX_TOOL_ROUNDS + 1 == 4
+    assert all(r.get("tools") for r in sent[:-1])
+    assert "tools" not in sent[-1]
+
+
+def test_a_model_that_keeps_calling_tools_gives_up(responder, fake_openai):
+    fake_openai.queue(*[CallTool("no_such_tool") for _ in range(MAX_TOOL_ROUNDS + 3)])
+    with pytest.raises(LLMUnavailable):
+        _reply_with_tools(responder)
+    assert len(fake_openai.chat_requests) == MAX_TOOL_ROUNDS + 1
+
+
+def test_a_turn_ended_by_a_tool_keeps_its_tool_exchange(responder, fake_openai):
+    fake_openai.queue(CallTool("end_call"))
+    reply, call = _reply_with_tools(responder)
+    assert reply.action == call.action == {"type": "hangup"}
+    asked, answered = reply.messages
+    assert asked["role"] == "assistant"
+    assert asked["tool_calls"][0]["function"]["name"] == "end_call"
+    assert answered == {
+        "role": "tool",
+        "tool_call_id": asked["tool_calls"][0]["id"],
+        "content": '{"status": "ending"}',
+    }
+
+
+@pytest.mark.parametrize(
+    "tool_call",
+    [
+        {"id": "call_a", "type": "function"},
+        {"id": "call_a", "type": "function", "function": None},
+        {"id": "call_a", "type": "function", "function": {"arguments": "{}"}},
+        {"id": "call_a", "type": "function", "function": {"name": "end_call"}},
+        {"type": "function", "function": {"name": "no_such_tool", "arguments": "{}"}},
+    ],
+    ids=["no function", "null function", "no name", "no arguments", "no id"],
+)
+def test_a_malformed_tool_call_is_answered_not_crashed_on(responder, fake_openai, tool_call):
+    message = {"role": "assistant", "content": None, "tool_calls": [tool_call]}
+    fake_openai.queue(RawMessage(message), Reply("words after all"))
+    reply, call = _reply_with_tools(responder)
+    if reply.action:  # end_call with its arguments left out still ends the call
+        assert tool_call["function"]["name"] == "end_call"
+        return
+    assert reply.text == "words after all"
+    # What goes back is well formed: the tool result names the call it answers.
+    asked, answered = fake_openai.chat_requests[1]["messages"][-2:]
+    sent_call = asked["tool_calls"][0]
+    assert sent_call["id"] and sent_call["function"]["arguments"]
+    assert answered["tool_call_id"] == sent_call["id"]
+    assert "error" in answered["content"]

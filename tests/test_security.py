@@ -143,3 +143,77 @@ def test_healthz_needs_no_signature(client):
 def test_a_full_call_passes_validation(call):
     call.start()
     assert call.say("hi").find("Gather") is not None
+
+
+def test_public_base_url_with_a_trailing_slash(config):
+    client = create_app({**config, "PUBLIC_BASE_URL": "https://calls.example.org/"}).test_client()
+    signature = sign("https://calls.example.org/voice", PARAMS)
+    assert (
+        client.post("/voice", data=PARAMS, headers={"X-Twilio-Signature": signature}).status_code
+        == 200
+    )
+
+
+def test_a_refusal_is_logged_with_the_path(client, caplog):
+    """Operators find signature problems (a proxy hiding https) through this line."""
+    with caplog.at_level(logging.WARNING, logger="ivr"):
+        client.post("/process-speech", data=PARAMS)
+    refusals = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) == 1
+    assert "/process-speech" in refusals[0].getMessage()
+    assert refusals[0].levelno == logging.WARNING
+
+
+# -- the media-stream WebSocket handshake ---------------------------------------------------
+# Twilio signs the wss:// URL it opened, with no parameters.
+
+WS_URL = "wss://agent.example.com/media-stream"
+UPGRADE = {"Upgrade": "websocket", "Connection": "Upgrade"}
+
+
+def _handshake_is_valid(app, headers: dict) -> bool:
+    from ivr.security import signature_is_valid
+
+    # As ProxyFix presents it behind the platform's TLS router.
+    with app.test_request_context(
+        "/media-stream", base_url="https://agent.example.com", headers={**UPGRADE, **headers}
+    ):
+        return signature_is_valid()
+
+
+def test_a_handshake_is_checked_against_the_wss_url(app):
+    assert _handshake_is_valid(app, {"X-Twilio-Signature": sign(WS_URL, {})})
+    # The same path signed as https, or with parameters, is not what Twilio signs.
+    https_url = "https://agent.example.com/media-stream"
+    assert not _handshake_is_valid(app, {"X-Twilio-Signature": sign(https_url, {})})
+    assert not _handshake_is_valid(app, {"X-Twilio-Signature": sign(WS_URL, PARAMS)})
+    assert not _handshake_is_valid(app, {})
+
+
+def test_a_handshake_signed_with_hmac_sha256_and_a_shared_key(config):
+    secret = "shared-key-secret"
+    app = create_app({**config, "TWILIO_WEBHOOK_SIGNING_SECRET": secret})
+    settings = "key=webhooks_sharedkey_123,algorithm=HMAC_SHA256"
+    sha256 = RequestValidator(secret).compute_signature(WS_URL, {}, "HMAC_SHA256")
+    headers = {"X-Twilio-Webhooks-Signature-Settings": settings}
+    assert _handshake_is_valid(app, {**headers, "X-Twilio-Signature": sha256})
+    sha1 = RequestValidator(secret).compute_signature(WS_URL, {})
+    assert not _handshake_is_valid(app, {**headers, "X-Twilio-Signature": sha1})
+    # Signed with the auth token instead of the shared key's secret: refused.
+    by_token = RequestValidator(AUTH_TOKEN).compute_signature(WS_URL, {}, "HMAC_SHA256")
+    assert not _handshake_is_valid(app, {**headers, "X-Twilio-Signature": by_token})
+
+
+def test_a_forged_handshake_never_reaches_the_relay(client, caplog):
+    with caplog.at_level(logging.WARNING, logger="ivr"):
+        response = client.get(
+            "/media-stream",
+            headers={
+                **UPGRADE,
+                "X-Forwarded-Proto": "https",
+                "X-Forwarded-Host": "agent.example.com",
+                "X-Twilio-Signature": sign(WS_URL, {}, "wrong"),
+            },
+        )
+    assert response.status_code == 403
+    assert "media-stream handshake" in caplog.text

@@ -3,11 +3,16 @@
 It runs a real HTTP server on 127.0.0.1 so the openai SDK is exercised end to
 end: its client, its httpx2 transport, its error mapping. Tests queue
 behaviours for the next requests and assert on what the fake received.
+
+Requests in JSON mode (`response_format` json_object: the scenario judge) get
+a verdict, by default a pass; `judge_when` scripts others. `answer_when`
+scripts conversation answers by the caller's words, in any order of requests.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import re
 import threading
@@ -48,8 +53,64 @@ class CallTool:
 
 
 @dataclass
+class RawMessage:
+    """Answer with this assistant message as is: what a lax compatible server sends."""
+
+    message: dict
+
+
+@dataclass
 class Hang:
     """Accept the request and never answer (until the test ends)."""
+
+
+@dataclass
+class Verdict:
+    """A judge's answer in JSON mode: {"pass": ..., "reason": ...}."""
+
+    passed: bool
+    reason: str = "the fake judge agrees"
+
+
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+RESPONSE_FORMATS = {"text", "json_object", "json_schema"}
+
+
+def invalid_request(body: object) -> str | None:
+    """What the real service would refuse with a 400, or None."""
+    if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        return "you must provide a model parameter"
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty array"
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            return f"messages[{index}]: invalid role"
+        if not isinstance(message.get("content"), str | None):
+            return f"messages[{index}].content: expected a string"
+    response_format = body.get("response_format")
+    if response_format is not None:
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        if kind not in RESPONSE_FORMATS:
+            return "response_format.type: invalid value"
+        # The real service's rule for JSON mode.
+        text = " ".join(m.get("content") or "" for m in messages).lower()
+        if kind == "json_object" and "json" not in text:
+            return (
+                "'messages' must contain the word 'json' in some form, to use "
+                "'response_format' of type 'json_object'."
+            )
+    return None
+
+
+def is_json_mode(body: dict) -> bool:
+    return (body.get("response_format") or {}).get("type") == "json_object"
+
+
+def last_user_words(body: dict) -> str:
+    return next(
+        (m.get("content") or "" for m in reversed(body["messages"]) if m["role"] == "user"), ""
+    )
 
 
 def echo(messages: list[dict]) -> str:
@@ -70,6 +131,8 @@ class FakeOpenAI:
         """tls: (certificate, key) files, to serve https:// and wss:// as OpenAI does."""
         self.requests: list[dict] = []
         self._script: deque = deque()
+        self._answers: list[tuple[str, object]] = []  # (caller's words, behaviour)
+        self._verdicts: list[tuple[str, object]] = []  # (words in the statement, behaviour)
         self._lock = threading.Lock()
         self._release = threading.Event()
         self._ids = itertools.count(1)
@@ -99,10 +162,26 @@ class FakeOpenAI:
         with self._lock:
             self._script.extend(behaviours)
 
+    def answer_when(self, words: str, behaviour) -> None:
+        """Answer with `behaviour` whenever the caller's last words contain `words`."""
+        with self._lock:
+            self._answers.append((words.lower(), behaviour))
+
+    def judge_when(self, words: str, behaviour) -> None:
+        """Answer a judge (JSON mode) request whose statement contains `words`."""
+        with self._lock:
+            self._verdicts.append((words.lower(), behaviour))
+
+    @property
+    def judge_requests(self) -> list[dict]:
+        return [body for body in self.chat_requests if is_json_mode(body)]
+
     def reset(self) -> None:
         self._release.set()  # free any handler still hanging from the last test
         with self._lock:
             self._script.clear()
+            self._answers.clear()
+            self._verdicts.clear()
             self.requests.clear()
             self.realtime_events.clear()
             self.realtime_handshakes.clear()
@@ -116,9 +195,20 @@ class FakeOpenAI:
 
     # -- server -------------------------------------------------------------------------
 
-    def _next(self):
+    def _next(self, body: dict):
+        """The queued behaviour, else the first rule matching the request, else None."""
         with self._lock:
-            return self._script.popleft() if self._script else None
+            if self._script:
+                return self._script.popleft()
+            if body["messages"][-1]["role"] != "user":
+                return None  # a tool's result came back: answer it in words
+            words = last_user_words(body).lower()
+            if is_json_mode(body):
+                rules = self._verdicts
+                default = Verdict(True)
+            else:
+                rules, default = self._answers, None
+            return next((b for key, b in rules if key in words), default)
 
     def _build_app(self) -> Flask:
         app = Flask("fake-openai")
@@ -130,7 +220,10 @@ class FakeOpenAI:
                 self.requests.append(
                     {"path": request.path, "json": body, "headers": dict(request.headers)}
                 )
-            behaviour = self._next()
+            problem = invalid_request(body)
+            if problem:
+                return jsonify(error={"message": problem, "type": "invalid_request_error"}), 400
+            behaviour = self._next(body)
             if isinstance(behaviour, Hang):
                 self._release.wait(HANG_LIMIT_SECONDS)
                 return jsonify(error={"message": "hung"}), 504
@@ -150,8 +243,14 @@ class FakeOpenAI:
                         }
                     ],
                 }
-                return jsonify(self._completion(body["model"], message=message))
-            if isinstance(behaviour, Reply):
+                return jsonify(
+                    self._completion(body["model"], message=message, finish_reason="tool_calls")
+                )
+            if isinstance(behaviour, RawMessage):
+                return jsonify(self._completion(body["model"], message=behaviour.message))
+            if isinstance(behaviour, Verdict):
+                text = json.dumps({"pass": behaviour.passed, "reason": behaviour.reason})
+            elif isinstance(behaviour, Reply):
                 time.sleep(behaviour.delay)
                 text = behaviour.text
             else:
@@ -189,7 +288,9 @@ class FakeOpenAI:
         with self._lock:
             return [e for e in self.realtime_events if e["type"] == kind]
 
-    def _completion(self, model: str, text: str = "", message: dict | None = None) -> dict:
+    def _completion(
+        self, model: str, text: str = "", message: dict | None = None, finish_reason: str = "stop"
+    ) -> dict:
         return {
             "id": f"chatcmpl-fake-{next(self._ids)}",
             "object": "chat.completion",
@@ -198,7 +299,7 @@ class FakeOpenAI:
             "choices": [
                 {
                     "index": 0,
-                    "finish_reason": "stop",
+                    "finish_reason": finish_reason,
                     "message": message or {"role": "assistant", "content": text},
                 }
             ],
