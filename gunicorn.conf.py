@@ -36,3 +36,29 @@ loglevel = os.environ.get("LOG_LEVEL", "info")
 # No runtime control socket: platforms manage processes with signals, and two
 # servers on one machine (tests, benchmarks) would fight over its path.
 control_socket_disable = True
+
+# -- Prometheus: /metrics sums every worker (ivr/metrics.py) -----------------------
+# Workers write their values to files in one directory, set here before they
+# fork and import the app. A directory named by the deployer is emptied first:
+# files left by an earlier run would be counted again.
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+else:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ivr-metrics-")
+    _metrics_dir_made_here = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+
+
+def child_exit(server, worker):
+    """A dead worker's gauges (live streams) stop counting; its counters stay in the sum."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if "_metrics_dir_made_here" in globals():
+        shutil.rmtree(_metrics_dir_made_here, ignore_errors=True)

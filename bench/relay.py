@@ -47,6 +47,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def streaming_env(fake_port: int, tls: bool = False) -> dict:
+    """The app's settings for streaming against the fake model on `fake_port`."""
+    return {
+        "STREAMING_ENABLED": "true",
+        "TWILIO_ACCOUNT_SID": "AC" + "0" * 32,
+        "TWILIO_AUTH_TOKEN": TOKEN,
+        "OPENAI_BASE_URL": f"{'https' if tls else 'http'}://127.0.0.1:{fake_port}/v1",
+        "STREAM_CONNECT_TIMEOUT_SECONDS": "5",
+        **({"SSL_CERT_FILE": str(TLS / "cert.pem")} if tls else {}),
+    }
+
+
 def worker_pid(master: int) -> int:
     for _ in range(100):
         children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
@@ -78,14 +90,7 @@ def run(
             "app:app",
             workers=1,
             extra=["--worker-class", worker_class],
-            env={
-                "STREAMING_ENABLED": "true",
-                "TWILIO_ACCOUNT_SID": "AC" + "0" * 32,
-                "TWILIO_AUTH_TOKEN": TOKEN,
-                "OPENAI_BASE_URL": f"{'https' if tls else 'http'}://127.0.0.1:{fake_port}/v1",
-                "STREAM_CONNECT_TIMEOUT_SECONDS": "5",
-                **({"SSL_CERT_FILE": str(TLS / "cert.pem")} if tls else {}),
-            },
+            env=streaming_env(fake_port, tls),
         )
         master = svc.procs[-1].pid
         worker = worker_pid(master)

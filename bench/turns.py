@@ -116,7 +116,11 @@ class Services:
         for proc in self.procs:
             proc.terminate()
         for proc in self.procs:
-            proc.wait(timeout=20)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:  # a loaded machine: stop waiting for grace
+                proc.kill()
+                proc.wait()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

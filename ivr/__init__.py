@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import weakref
 from collections.abc import Mapping
 
 from flask import Flask
@@ -35,11 +36,19 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
             log.error("configuration: %s", problem)
         raise
 
+    if settings.log_format == "json":
+        from .logfmt import use_json
+
+        use_json(log)
     app = Flask(__name__)
     # Heroku-style routers terminate TLS and say so in X-Forwarded-Proto; the
     # signature check needs the https URL Twilio actually called.
     app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1, x_host=1)  # type: ignore[method-assign]
-    app.extensions["ivr"] = build_services(settings, prompts)
+    services = app.extensions["ivr"] = build_services(settings, prompts)
+    # An app is full of reference cycles, so only the cyclic garbage collector
+    # frees it, finalising its objects in no set order: a socket finalised before
+    # its Redis connection is reported unclosed. Close the clients first.
+    weakref.finalize(app, services.close)
 
     if not settings.validate_twilio_signature:
         log.warning(
@@ -56,6 +65,9 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
     app.config["SOCK_SERVER_OPTIONS"] = {"ping_interval": None, "thread_class": ReadInCaller}
     app.register_blueprint(voice_bp)
     app.register_blueprint(streaming_bp)
+    from . import web
+
+    web.init_app(app)  # the call log and /metrics, when ADMIN_PASSWORD is set
     return app
 
 

@@ -6,7 +6,13 @@ whole call on one shard and MULTI transactions over them are allowed:
     ivr:{CA…}:meta        hash: from, to, started, ended, status, turns, reprompts
     ivr:{CA…}:transcript  list of JSON entries {role, content, ts, mode}
     ivr:{CA…}:results     hash: turn number -> the answer already given (replays)
-    ivr:{CA…}:claim:N     short-lived lock: one worker answers turn N
+    ivr:{CA…}:claim:N     lease (claims.py): the worker answering turn N
+    ivr:{CA…}:answering   lease: some turn of the call is being answered
+    ivr:{CA…}:reported    the end-of-call report is queued (report.py)
+
+Expiry only ever grows: every write refreshes the keys to CALL_TTL_SECONDS,
+and once the call has ended to TRANSCRIPT_RETENTION_SECONDS, which a later
+write (a turn or a tool still running when the caller hung up) cannot shorten.
 """
 
 from __future__ import annotations
@@ -62,8 +68,10 @@ class CallStore:
         return [self._key(sid, p) for p in ("meta", "transcript", "results")]
 
     def _expire_all(self, pipe, sid: str, seconds: int) -> None:
+        """Give the call's keys at least `seconds` to live, never less than they have."""
         for key in self._keys(sid):
-            pipe.expire(key, seconds)
+            pipe.expire(key, seconds, nx=True)  # a key just created has no expiry yet
+            pipe.expire(key, seconds, gt=True)
 
     def _push(self, pipe, sid: str, *entries: str) -> None:
         """Queue transcript entries on `pipe`, keeping the list under its hard cap."""
@@ -85,13 +93,23 @@ class CallStore:
             self._expire_all(pipe, sid, self.ttl)
             return bool(pipe.execute()[0])
 
-    def finish(self, sid: str, status: str) -> None:
-        """Mark the call ended and keep its record for the retention period."""
+    def finish(self, sid: str, status: str) -> bool:
+        """Mark the call ended and keep its record for the retention period.
+
+        Idempotent: a repeated status callback keeps the first end time and
+        status. True when this call recorded the end.
+        """
         meta = self._key(sid, "meta")
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(meta, mapping={"status": status, "ended": f"{time.time():.3f}"})
+
+        def mark_ended(pipe) -> bool:
+            first = not pipe.hexists(meta, "ended")
+            pipe.multi()
+            if first:
+                pipe.hset(meta, mapping={"status": status, "ended": f"{time.time():.3f}"})
             self._expire_all(pipe, sid, self.retention)
-            pipe.execute()
+            return first
+
+        return self.redis.transaction(mark_ended, meta, value_from_callable=True)
 
     def resume_in_gather(self, sid: str) -> int:
         """Switch a call to Gather mode; returns the first turn number to use.
@@ -104,6 +122,16 @@ class CallStore:
             pipe.hincrby(meta, "turn_block", 1)
             pipe.hset(meta, "mode", "gather")
             pipe.hincrby(meta, "stream_fallbacks", 1)
+            self._expire_all(pipe, sid, self.ttl)
+            block = pipe.execute()[0]
+        return block * 1000 + 1
+
+    def fresh_turn(self, sid: str) -> int:
+        """A turn number no earlier Gather of the call used, for a Gather that
+        does not follow a numbered turn (an apology, a fallback)."""
+        meta = self._key(sid, "meta")
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(meta, "turn_block", 1)
             self._expire_all(pipe, sid, self.ttl)
             block = pipe.execute()[0]
         return block * 1000 + 1
@@ -136,13 +164,37 @@ class CallStore:
     def record_agent(self, sid: str, words: str, mode: str = "gather") -> None:
         self.append(sid, "assistant", words, mode)
 
-    def claim_report(self, sid: str) -> bool:
-        """True once per call: repeated status callbacks send one report."""
-        return bool(self.redis.set(self._key(sid, "reported"), 1, nx=True, ex=self.retention))
+    def is_reported(self, sid: str) -> bool:
+        return bool(self.redis.exists(self._key(sid, "reported")))
+
+    def mark_reported(self, sid: str) -> None:
+        """The report is durably queued: repeated status callbacks queue no other."""
+        self.redis.set(self._key(sid, "reported"), 1, ex=self.retention)
+
+    def set_meta(self, sid: str, **fields: str) -> None:
+        self.redis.hset(self._key(sid, "meta"), mapping=fields)
 
     def set_end_reason(self, sid: str, reason: str) -> None:
         """How the app ended the call (transferred, ended-by-agent, limit-reached...)."""
-        self.redis.hset(self._key(sid, "meta"), "end_reason", reason)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._key(sid, "meta"), "end_reason", reason)
+            self._expire_all(pipe, sid, self.ttl)
+            pipe.execute()
+
+    def set_stream_exit(self, sid: str, exit_json: str, reason: str) -> None:
+        """Where a streaming call goes once its stream closes; its <Connect action> reads it."""
+        self.redis.hset(
+            self._key(sid, "meta"), mapping={"stream_exit": exit_json, "end_reason": reason}
+        )
+
+    def take_stream_exit(self, sid: str) -> str:
+        """The stored stream exit (JSON), cleared as it is read; "" when there is none."""
+        key = self._key(sid, "meta")
+        with self.redis.pipeline() as pipe:
+            pipe.hget(key, "stream_exit")
+            pipe.hdel(key, "stream_exit")
+            raw, _ = pipe.execute()
+        return _text(raw) if raw else ""
 
     def last_agent_line(self, sid: str) -> str:
         for raw in reversed(self.redis.lrange(self._key(sid, "transcript"), -20, -1)):
@@ -174,17 +226,31 @@ class CallStore:
 
     # -- one Gather turn: begin and end in one round trip each -------------------
 
-    def begin_turn(self, sid: str, turn: int, claim_seconds: int) -> tuple[dict | None, bool]:
+    def claim_keys(self, sid: str, turn: int) -> tuple[str, str]:
+        """The leases a delivery holds while it answers `turn` (see claims.py)."""
+        return self._key(sid, f"claim:{turn}"), self._key(sid, "answering")
+
+    def begin_turn(
+        self, sid: str, turn: int, owner: str, lease_ms: int
+    ) -> tuple[dict | None, bool]:
         """(stored answer or None, whether this delivery claimed the turn).
 
         A webhook delivered twice (Twilio or a proxy retrying) finds the first
         delivery's answer here, or learns that the first is still being answered.
+        The claim is a lease in `owner`'s name that lapses unless renewed.
         """
+        claim, answering = self.claim_keys(sid, turn)
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.hget(self._key(sid, "results"), str(turn))
-            pipe.set(self._key(sid, f"claim:{turn}"), 1, nx=True, ex=claim_seconds)
+            pipe.set(claim, owner, nx=True, px=lease_ms)
             stored, claimed = pipe.execute()
+        if claimed and not stored:
+            self.redis.set(answering, owner, px=lease_ms)
         return (json.loads(stored) if stored else None), bool(claimed)
+
+    def is_answering(self, sid: str) -> bool:
+        """Whether a live worker is answering a turn of the call right now."""
+        return bool(self.redis.exists(self._key(sid, "answering")))
 
     def stored_result(self, sid: str, turn: int) -> dict | None:
         raw = self.redis.hget(self._key(sid, "results"), str(turn))
@@ -216,6 +282,8 @@ class CallStore:
                 # The first stored answer wins: a held turn whose worker was
                 # given up for dead must not change what replays say.
                 pipe.hsetnx(self._key(sid, "results"), str(turn), json.dumps(result))
+                # Answered: a replay finds the result, and the report need not wait.
+                pipe.delete(*self.claim_keys(sid, turn))
             self._expire_all(pipe, sid, self.ttl)
             pipe.execute()
 

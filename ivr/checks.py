@@ -7,9 +7,11 @@ that need the configuration are skipped when it is broken.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
+import openai
+import requests
 from twilio.base.exceptions import TwilioException
 
 from .config import ConfigError, Settings, load_settings
@@ -26,27 +28,33 @@ class Check:
     detail: str = ""
 
 
-def run_checks(environ: Mapping[str, str] | None = None) -> list[Check]:
+def run_checks(environ: Mapping[str, str] | None = None) -> Iterator[Check]:
+    """Each check as it is made, so a report shows every check even if one hangs."""
     try:
         settings = load_settings(environ)
     except ConfigError as exc:
-        return [Check("configuration", False, " ".join(exc.problems))]
+        yield Check("configuration", False, " ".join(exc.problems))
+        return
     prompts = Prompts(settings.prompts_dir)
     # The clients the app itself would use, so the check tests the real thing.
-    services = build_services(settings, prompts)
-    results = [
-        Check("configuration", True, _mode(settings)),
-        _prompts(settings, prompts),
-        _redis(services),
-        _llm(services),
-    ]
-    if settings.redis_cluster:
-        results.append(_redis_cluster(services))
-    if services.call_control.twilio_rest is not None:
-        results.append(_twilio(services))
-    if settings.streaming_enabled:
-        results.append(_realtime(services))
-    return results
+    try:
+        services = build_services(settings, prompts)
+    except ConfigError as exc:
+        yield Check("configuration", False, " ".join(exc.problems))
+        return
+    try:
+        yield Check("configuration", True, _mode(settings))
+        yield _prompts(settings, prompts)
+        yield _redis(services)
+        yield _llm(services)
+        if settings.redis_cluster:
+            yield _redis_cluster(services)
+        if services.call_control.twilio_rest is not None:
+            yield _twilio(services)
+        if settings.streaming_enabled:
+            yield _realtime(services)
+    finally:
+        services.close()
 
 
 def _mode(settings: Settings) -> str:
@@ -136,6 +144,13 @@ def _twilio(services: Services) -> Check:
             f"Twilio refused the credentials ({exc}); check "
             "TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN.",
         )
+    except requests.RequestException as exc:
+        return Check(
+            "twilio",
+            False,
+            f"Cannot reach Twilio's API ({exc}); check this machine's network "
+            "connection (or proxy settings) and retry.",
+        )
     return Check("twilio", True, f"account {account.friendly_name or account.sid}")
 
 
@@ -151,3 +166,25 @@ def _realtime(services: Services) -> Check:
             "OPENAI_REALTIME_MODEL, or set STREAMING_ENABLED=false.",
         )
     return Check("realtime model", True, f"{model} reachable")
+
+
+def model_problem(services: Services, timeout: float = 3.0) -> str | None:
+    """Why the model's server cannot answer at all (unreachable, key refused), or None.
+
+    One cheap request (list the models) instead of a turn: a server that does not
+    list models still answers it, which is all this asks.
+    """
+    client = services.openai.with_options(timeout=timeout, max_retries=0)
+    where = services.settings.openai_base_url or "OpenAI"
+    try:
+        client.models.list()
+    except openai.APIConnectionError as exc:  # refused, unreachable, timed out
+        return (
+            f"the language model cannot be reached at {where} ({exc}); check OPENAI_BASE_URL "
+            "and the network, then retry."
+        )
+    except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+        return f"the language model at {where} refused the key ({exc}); check OPENAI_API_KEY."
+    except openai.APIStatusError:
+        pass  # it answered: the server is there
+    return None

@@ -7,42 +7,104 @@ import json
 import os
 import sys
 from datetime import UTC, datetime
+from importlib import metadata
 
 from .simulator import INPUT_HELP, Simulator, TwilioWouldFail, in_process, over_http
 
+EXIT_CODES = """\
+exit codes:
+  0    done (check: ready to answer calls)
+  1    failed: a check failed, the call would fail, or a service (Twilio, Redis,
+       the language model) could not be reached or refused
+  2    usage or configuration: bad arguments or settings, unknown call or number
+  130  interrupted (Ctrl-C)"""
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ivr", description="A phone agent on a Twilio number.")
-    commands = parser.add_subparsers(dest="command", required=True)
+# Expected failures a command reports in one line; anything else is a bug and
+# keeps its traceback.
+OK, FAILED, USAGE, INTERRUPTED = 0, 1, 2, 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ivr",
+        description="A phone agent on a Twilio number: talk to it from the terminal, check a "
+        "deployment, point a number at it, read call transcripts. Settings come from the "
+        "environment (see the README's configuration table).",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     call = commands.add_parser(
         "call",
         help="place a simulated phone call to the agent",
         description="Place a call as Twilio would: signed webhooks, TwiML followed verb by "
-        "verb, the caller's words read from the input.",
-        epilog=INPUT_HELP,
+        "verb, the caller's words read from the input. Without --url the app runs "
+        "in-process with this environment's settings.",
+        epilog=INPUT_HELP + "\n\n" + EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    call.add_argument("--url", help="the app's base URL (default: run the app in-process)")
-    call.add_argument("--from", dest="caller", default="+15550100000", help="caller's number")
-    call.add_argument("--to", dest="callee", default="+15550100001", help="the number called")
+    call.add_argument(
+        "--url",
+        help="a running app's base URL, e.g. https://agent.example.com (default: "
+        "run the app in-process)",
+    )
+    call.add_argument(
+        "--from", dest="caller", default="+15550100000", help="the caller's number (%(default)s)"
+    )
+    call.add_argument(
+        "--to", dest="callee", default="+15550100001", help="the number called (%(default)s)"
+    )
 
-    commands.add_parser("check", help="check configuration, prompts, Redis and the LLM")
+    commands.add_parser(
+        "check",
+        help="check configuration, prompts, Redis, the language model and Twilio",
+        description="Check that this deployment can answer calls: the settings, the prompt "
+        "files, Redis, the language model (one short request), Twilio's credentials (with "
+        "TWILIO_ACCOUNT_SID) and, in streaming mode, the realtime model. Each check prints "
+        "ok or FAILED with the fix.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
     number = commands.add_parser(
-        "configure-number", help="point a Twilio number's webhooks at this app"
+        "configure-number",
+        help="point a Twilio number's webhooks at this app",
+        description="Set a Twilio number's voice URL, fallback URL and status callback to "
+        "this app's routes. Needs TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    number.add_argument("--number", required=True, help="the Twilio number, e.g. +15551234567")
-    number.add_argument("--base-url", required=True, help="the app's public https origin")
-    number.add_argument("--fallback-url", help="voice fallback URL (default: BASE/voice-fallback)")
+    number.add_argument(
+        "--number", required=True, help="the Twilio number in E.164 form, e.g. +15551234567"
+    )
+    number.add_argument(
+        "--base-url",
+        required=True,
+        help="the app's public https origin, e.g. https://agent.example.com",
+    )
+    number.add_argument(
+        "--fallback-url", help="voice fallback URL (default: BASE-URL/voice-fallback)"
+    )
 
-    transcript = commands.add_parser("transcript", help="print a call's transcript")
-    transcript.add_argument("call_sid")
-    transcript.add_argument("--json", action="store_true", help="print JSON")
-
+    transcript = commands.add_parser(
+        "transcript",
+        help="print a call's transcript",
+        description="Print what was said in a call, read from the app's Redis (REDIS_URL).",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    transcript.add_argument("call_sid", help="the call's CallSid (CA followed by 32 characters)")
+    transcript.add_argument(
+        "--json", action="store_true", help="print the call's record as JSON instead"
+    )
     _add_test_command(commands)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     handlers = {
         "test": _test,
         "call": _call,
@@ -50,12 +112,23 @@ def main(argv: list[str] | None = None) -> int:
         "configure-number": _configure_number,
         "transcript": _transcript,
     }
-    return handlers[args.command](args)
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)  # end the line the ^C was typed on
+        return INTERRUPTED
 
 
-def _fail(message: str) -> int:
+def _version() -> str:
+    try:
+        return metadata.version("twilio-llm-ivr")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
+def _fail(message: str, code: int = USAGE) -> int:
     print(f"ivr: {message}", file=sys.stderr)
-    return 2
+    return code
 
 
 # -- ivr call ---------------------------------------------------------------------------------
@@ -69,13 +142,25 @@ def _call(args) -> int:
         post, base_url = over_http(), args.url
     else:
         from . import create_app
-        from .config import ConfigError
+        from .checks import model_problem
+        from .config import ConfigError, load_settings
 
         try:
+            # Settings first: each problem is then said once, here, rather than
+            # also in the app's start-up log.
+            load_settings()
             app = create_app()
         except ConfigError as exc:
-            return _fail(" ".join(exc.problems))
-        token = app.extensions["ivr"].settings.twilio_auth_token
+            for problem in exc.problems:
+                _fail(problem)
+            return USAGE
+        services = app.extensions["ivr"]
+        # Without this, every turn would wait out the LLM deadline in silence
+        # and the caller would hear the error line.
+        problem = model_problem(services)
+        if problem:
+            return _fail(problem, FAILED)
+        token = services.settings.twilio_auth_token
         post, base_url = in_process(app), "http://localhost"
     interactive = sys.stdin.isatty()
 
@@ -124,6 +209,8 @@ def _add_test_command(commands) -> None:
         help="run the conversation tests in scenarios/",
         description="Run scenario files (YAML): a scripted caller, and what the agent must "
         "say and do. Exits 0 only when every run passes.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     test.add_argument(
         "paths", nargs="*", metavar="PATH", help="scenario files or folders (default: scenarios/)"
@@ -164,21 +251,25 @@ def _test(args) -> int:
 def _check(args) -> int:
     from .checks import run_checks
 
-    results = run_checks()
-    for check in results:
+    ready = True
+    for check in run_checks():
         status = "ok    " if check.ok else "FAILED"
         print(
-            f"{status}  {check.name}: {check.detail}" if check.detail else f"{status}  {check.name}"
+            f"{status}  {check.name}: {check.detail}"
+            if check.detail
+            else f"{status}  {check.name}",
+            flush=True,
         )
-    ready = all(check.ok for check in results)
+        ready = ready and check.ok
     print("ready to answer calls" if ready else "not ready: fix the FAILED items above")
-    return 0 if ready else 1
+    return OK if ready else FAILED
 
 
 # -- ivr configure-number ----------------------------------------------------------------------
 
 
 def _configure_number(args) -> int:
+    import requests
     from twilio.base.exceptions import TwilioException
     from twilio.rest import Client
 
@@ -206,7 +297,17 @@ def _configure_number(args) -> int:
             status_callback_method="POST",
         )
     except TwilioException as exc:
-        return _fail(f"Twilio refused the change: {exc}")
+        return _fail(
+            f"Twilio refused the change ({exc}); check TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN "
+            "and --number.",
+            FAILED,
+        )
+    except requests.RequestException as exc:
+        return _fail(
+            f"cannot reach Twilio's API ({exc}); check this machine's network connection "
+            "(or proxy settings) and retry.",
+            FAILED,
+        )
     print(f"{number.phone_number}: voice URL {number.voice_url}")
     print(f"{number.phone_number}: fallback URL {number.voice_fallback_url}")
     print(f"{number.phone_number}: status callback {number.status_callback}")
@@ -217,6 +318,8 @@ def _configure_number(args) -> int:
 
 
 def _transcript(args) -> int:
+    from redis.exceptions import RedisError
+
     from .calls import CallStore, ended_by
     from .config import _TRUE
     from .services import build_redis
@@ -225,8 +328,18 @@ def _transcript(args) -> int:
     if not url:
         return _fail("REDIS_URL is not set: transcripts are kept in the app's Redis.")
     cluster = os.environ.get("REDIS_CLUSTER", "").strip().lower() in _TRUE
-    store = CallStore(build_redis(url, cluster), history_max=1, ttl=60, retention=60)
-    meta, entries = store.meta(args.call_sid), store.transcript(args.call_sid)
+    client = build_redis(url, cluster)
+    store = CallStore(client, history_max=1, ttl=60, retention=60)
+    try:
+        meta, entries = store.meta(args.call_sid), store.transcript(args.call_sid)
+    except RedisError as exc:
+        return _fail(
+            f"cannot read from Redis at REDIS_URL ({exc}); check REDIS_URL and that the "
+            "server is running and reachable from here.",
+            FAILED,
+        )
+    finally:
+        client.close()
     if not meta and not entries:
         return _fail(f"no call {args.call_sid} (unknown, or past its retention period).")
     if args.json:

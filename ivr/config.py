@@ -6,7 +6,10 @@ reading a crashed dyno's log knows exactly what to fix.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -27,9 +30,22 @@ class ConfigError(Exception):
         super().__init__(" ".join(problems))
 
 
-def env(name: str, default: object):
-    """A setting read from environment variable `name`; its type comes from the annotation."""
-    return field(default=default, metadata={"env": name})
+def env(
+    name: str,
+    default: object,
+    *,
+    least: float | None = None,
+    above: float | None = None,
+    most: float | None = None,
+    why: str = "",
+):
+    """A setting read from environment variable `name`; its type comes from the annotation.
+
+    A number may be bounded: at least `least` (or strictly above `above`) and at
+    most `most`; `why` ends the sentence of a value out of range.
+    """
+    bounds = {"least": least, "above": above, "most": most, "why": why}
+    return field(default=default, metadata={"env": name, **bounds})
 
 
 @dataclass(frozen=True)
@@ -44,19 +60,25 @@ class Settings:
     openai_base_url: str = env("OPENAI_BASE_URL", "")
     openai_model: str = env("OPENAI_MODEL", "gpt-4.1-mini")
     openai_realtime_model: str = env("OPENAI_REALTIME_MODEL", "gpt-realtime")
-    llm_deadline: float = env("LLM_DEADLINE_SECONDS", 8.0)
-    llm_attempt_timeout: float = env("LLM_ATTEMPT_TIMEOUT_SECONDS", 5.0)
-    llm_max_tokens: int = env("LLM_MAX_TOKENS", 300)
+    llm_deadline: float = env(
+        "LLM_DEADLINE_SECONDS",
+        8.0,
+        above=0,
+        most=MAX_LLM_DEADLINE,
+        why=f"so the caller hears an answer before Twilio's {TWILIO_WEBHOOK_LIMIT:g} s limit",
+    )
+    llm_attempt_timeout: float = env("LLM_ATTEMPT_TIMEOUT_SECONDS", 5.0, above=0)
+    llm_max_tokens: int = env("LLM_MAX_TOKENS", 300, least=1)
 
     redis_url: str = env("REDIS_URL", "")
     redis_cluster: bool = env("REDIS_CLUSTER", False)
-    history_max_messages: int = env("HISTORY_MAX_MESSAGES", 20)
-    call_ttl: int = env("CALL_TTL_SECONDS", 4 * 3600)
-    transcript_retention: int = env("TRANSCRIPT_RETENTION_SECONDS", 7 * 24 * 3600)
+    history_max_messages: int = env("HISTORY_MAX_MESSAGES", 20, least=2)
+    call_ttl: int = env("CALL_TTL_SECONDS", 4 * 3600, least=60)
+    transcript_retention: int = env("TRANSCRIPT_RETENTION_SECONDS", 7 * 24 * 3600, least=60)
 
-    confidence_threshold: float = env("CONFIDENCE_THRESHOLD", 0.5)
-    reprompt_limit: int = env("REPROMPT_LIMIT", 3)
-    max_reply_chars: int = env("MAX_REPLY_CHARS", 450)
+    confidence_threshold: float = env("CONFIDENCE_THRESHOLD", 0.5, least=0.0, most=1.0)
+    reprompt_limit: int = env("REPROMPT_LIMIT", 3, least=1)
+    max_reply_chars: int = env("MAX_REPLY_CHARS", 450, least=40)
     voice: str = env("TTS_VOICE", "Polly.Joanna-Neural")
     language: str = env("SPEECH_LANGUAGE", "en-US")
     speech_model: str = env("SPEECH_MODEL", "")
@@ -64,31 +86,49 @@ class Settings:
     speech_hints: str = env("SPEECH_HINTS", "")
 
     streaming_enabled: bool = env("STREAMING_ENABLED", False)
-    stream_connect_timeout: float = env("STREAM_CONNECT_TIMEOUT_SECONDS", 2.0)
+    stream_connect_timeout: float = env(
+        "STREAM_CONNECT_TIMEOUT_SECONDS",
+        2.0,
+        above=0,
+        most=10,
+        why="(the caller waits in silence meanwhile)",
+    )
     realtime_voice: str = env("REALTIME_VOICE", "marin")
     realtime_turn_detection: str = env("REALTIME_TURN_DETECTION", "server_vad")
     realtime_transcription_model: str = env(
         "REALTIME_TRANSCRIPTION_MODEL", "gpt-4o-mini-transcribe"
     )
-    stream_breaker_threshold: int = env("STREAM_BREAKER_THRESHOLD", 3)
-    stream_breaker_cooldown: int = env("STREAM_BREAKER_COOLDOWN_SECONDS", 60)
-    stream_ping_interval: float = env("STREAM_PING_SECONDS", 20.0)
-    stream_idle_seconds: float = env("STREAM_IDLE_SECONDS", 12.0)
+    stream_breaker_threshold: int = env("STREAM_BREAKER_THRESHOLD", 3, least=1)
+    stream_breaker_cooldown: int = env("STREAM_BREAKER_COOLDOWN_SECONDS", 60, least=1)
+    stream_ping_interval: float = env("STREAM_PING_SECONDS", 20.0, least=0)
+    stream_idle_seconds: float = env("STREAM_IDLE_SECONDS", 12.0, above=0)
 
     tools_modules: str = env("TOOLS_MODULES", "")
-    tool_timeout: float = env("TOOL_TIMEOUT_SECONDS", 4.0)
+    tool_timeout: float = env("TOOL_TIMEOUT_SECONDS", 4.0, above=0)
     transfer_number: str = env("TRANSFER_NUMBER", "")
     transfer_caller_id: str = env("TRANSFER_CALLER_ID", "")
     dtmf_transfer_key: str = env("DTMF_TRANSFER_KEY", "0")
     dtmf_repeat_key: str = env("DTMF_REPEAT_KEY", "*")
-    max_call_seconds: int = env("MAX_CALL_SECONDS", 600)
-    max_turns: int = env("MAX_TURNS", 50)
+    max_call_seconds: int = env("MAX_CALL_SECONDS", 600, least=1)
+    max_turns: int = env("MAX_TURNS", 50, least=1)
     end_of_call_webhook_url: str = env("END_OF_CALL_WEBHOOK_URL", "")
     end_of_call_webhook_secret: str = env("END_OF_CALL_WEBHOOK_SECRET", "")
-    end_of_call_retry_seconds: float = env("END_OF_CALL_RETRY_SECONDS", 2.0)
+    end_of_call_retry_seconds: float = env("END_OF_CALL_RETRY_SECONDS", 2.0, above=0)
     prompts_dir: Path = env("PROMPTS_DIR", DEFAULT_PROMPTS_DIR)
-    hold_after: float = env("HOLD_AFTER_SECONDS", 1.5)
-    turn_max: float = env("TURN_MAX_SECONDS", 30.0)
+    # The call log pages and /metrics; unset password = those routes do not exist.
+    admin_password: str = env("ADMIN_PASSWORD", "")
+    admin_user: str = env("ADMIN_USER", "admin")
+    log_format: str = env("LOG_FORMAT", "text")
+    # A slow Gather turn holds (ivr/hold.py): its first answer must reach Twilio
+    # well inside its limit, and a turn held longer is not worth the caller's wait.
+    hold_after: float = env(
+        "HOLD_AFTER_SECONDS",
+        1.5,
+        least=0,
+        most=10,
+        why="(0 never holds), so the first answer reaches Twilio in time",
+    )
+    turn_max: float = env("TURN_MAX_SECONDS", 30.0, least=1, most=300)
 
     @property
     def gather_speech_timeout(self) -> str:
@@ -103,14 +143,25 @@ _FIELDS = {f.metadata["env"]: f for f in fields(Settings)}
 ENV_NAMES = list(_FIELDS)
 
 
+# E.164: +, then up to 15 digits, the first (the country code's) never 0; the
+# shortest numbers in use have 8 digits with their country code.
+E164 = re.compile(r"\+[1-9]\d{7,14}")
+SIP_URI = re.compile(r"sips?:\S+", re.IGNORECASE)
+# A DTMF key setting with this value turns that key off (blank means the default key).
+NO_KEY = "none"
+
+
+def is_dial_target(value: str) -> bool:
+    """A phone number in E.164 form, or a SIP URI: what <Dial> can reach."""
+    return bool(E164.fullmatch(value) or SIP_URI.fullmatch(value))
+
+
 _TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+_FALSE = {"0", "false", "no", "off"}
+_EXPECTED = {"bool": "true or false", "int": "a whole number", "float": "a number"}
 
 
-def _parse(kind: str, env: str, raw: object, problems: list[str]) -> object:
-    if not isinstance(raw, str):
-        return raw  # tests may pass typed values
-    raw = raw.strip()
+def _parse(kind: str, env: str, raw: str, problems: list[str]) -> object:
     try:
         if kind == "bool":
             if raw.lower() in _TRUE:
@@ -126,24 +177,56 @@ def _parse(kind: str, env: str, raw: object, problems: list[str]) -> object:
             return Path(raw)
         return raw
     except ValueError:
-        expected = {"bool": "true or false", "int": "a whole number", "float": "a number"}[kind]
-        problems.append(f"{env} must be {expected}, not {raw!r}.")
+        problems.append(f"{env} must be {_EXPECTED[kind]}, not {raw!r}.")
         return None
+
+
+def _out_of_range(env: str, value: float, bounds: Mapping[str, object]) -> str | None:
+    """The sentence for a number outside its bounds, naming the variable and the range."""
+    least, above, most = bounds.get("least"), bounds.get("above"), bounds.get("most")
+    low_ok = (least is None or value >= least) and (above is None or value > above)
+    if low_ok and (most is None or value <= most):
+        return None
+    parts = []
+    if least is not None:
+        parts.append(f"at least {least:g}")
+    if above is not None:
+        parts.append(f"above {above:g}")
+    if most is not None:
+        parts.append(f"at most {most:g}")
+    if least is not None and most is not None:
+        parts = [f"between {least:g} and {most:g}"]
+    why = f" {bounds['why']}" if bounds.get("why") else ""
+    return f"{env} must be {' and '.join(parts)}{why}, not {value:g}."
 
 
 def load_settings(
     environ: Mapping[str, str] | None = None, overrides: Mapping[str, object] | None = None
 ) -> Settings:
-    """Build Settings from the environment, with `overrides` (same names) applied last."""
+    """Build Settings from the environment, with `overrides` (same names) applied last.
+
+    A blank value means the default, for every setting: a `.env` line such as
+    `REPROMPT_LIMIT=` is a setting left alone, never an error or an empty value.
+    Security switches (VALIDATE_TWILIO_SIGNATURE) default to their safe value,
+    so blank keeps them on; only an explicit false/0/no/off turns one off.
+    """
     source: dict[str, object] = dict(os.environ if environ is None else environ)
     source.update(overrides or {})
     problems: list[str] = []
     values: dict[str, object] = {}
     for name, setting in _FIELDS.items():
-        if source.get(name) is not None:
-            parsed = _parse(setting.type, name, source[name], problems)
-            if parsed is not None:
-                values[setting.name] = parsed
+        raw = source.get(name)
+        if isinstance(raw, str):
+            raw = raw.strip()
+            raw = _parse(setting.type, name, raw, problems) if raw else None
+        if raw is None:
+            continue
+        if isinstance(raw, int | float) and not isinstance(raw, bool):
+            problem = _out_of_range(name, raw, setting.metadata)
+            if problem:
+                problems.append(problem)
+                continue
+        values[setting.name] = raw
     settings = Settings(**values)
     problems += _check(settings)
     if problems:
@@ -160,26 +243,6 @@ def _check(s: Settings) -> list[str]:
         )
     if not s.openai_api_key:
         problems.append("OPENAI_API_KEY is missing: the agent needs it to answer callers.")
-    if not 0.0 <= s.confidence_threshold <= 1.0:
-        problems.append(
-            f"CONFIDENCE_THRESHOLD must be between 0.0 and 1.0, not {s.confidence_threshold}."
-        )
-    if not 0 < s.llm_deadline <= MAX_LLM_DEADLINE:
-        problems.append(
-            f"LLM_DEADLINE_SECONDS must be above 0 and at most {MAX_LLM_DEADLINE:g} so the "
-            f"caller hears an answer before Twilio's {TWILIO_WEBHOOK_LIMIT:g} s limit, "
-            f"not {s.llm_deadline:g}."
-        )
-    if s.llm_attempt_timeout <= 0:
-        problems.append("LLM_ATTEMPT_TIMEOUT_SECONDS must be above 0.")
-    if s.reprompt_limit < 1:
-        problems.append(f"REPROMPT_LIMIT must be at least 1, not {s.reprompt_limit}.")
-    if s.history_max_messages < 2:
-        problems.append(f"HISTORY_MAX_MESSAGES must be at least 2, not {s.history_max_messages}.")
-    if s.max_reply_chars < 40:
-        problems.append(f"MAX_REPLY_CHARS must be at least 40, not {s.max_reply_chars}.")
-    if s.call_ttl < 60 or s.transcript_retention < 60:
-        problems.append("CALL_TTL_SECONDS and TRANSCRIPT_RETENTION_SECONDS must be at least 60.")
     if s.speech_timeout != "auto" and not (
         s.speech_timeout.isdigit() and int(s.speech_timeout) > 0
     ):
@@ -201,36 +264,30 @@ def _check(s: Settings) -> list[str]:
             "REDIS_CLUSTER=true needs REDIS_URL to name one node of the cluster "
             "(redis:// or rediss://)."
         )
+    if s.log_format not in ("text", "json"):
+        problems.append(f"LOG_FORMAT must be text or json, not {s.log_format!r}.")
+    if s.admin_password and not s.admin_user:
+        problems.append("ADMIN_USER must not be empty when ADMIN_PASSWORD is set.")
     if s.realtime_turn_detection not in ("server_vad", "semantic_vad"):
         problems.append(
             f"REALTIME_TURN_DETECTION must be server_vad or semantic_vad, "
             f"not {s.realtime_turn_detection!r}."
         )
-    if not 0 < s.stream_connect_timeout <= 10:
-        problems.append(
-            f"STREAM_CONNECT_TIMEOUT_SECONDS must be above 0 and at most 10 (the caller waits "
-            f"in silence meanwhile), not {s.stream_connect_timeout:g}."
-        )
-    if s.stream_breaker_threshold < 1 or s.stream_breaker_cooldown < 1:
-        problems.append(
-            "STREAM_BREAKER_THRESHOLD and STREAM_BREAKER_COOLDOWN_SECONDS must be at least 1."
-        )
-    if s.transfer_number and not (
-        s.transfer_number.startswith(("+", "sip:")) or s.transfer_number.isdigit()
+    for name, value in (
+        ("TRANSFER_NUMBER", s.transfer_number),
+        ("TRANSFER_CALLER_ID", s.transfer_caller_id),
     ):
-        problems.append(
-            f"TRANSFER_NUMBER must be a phone number in E.164 form such as +15551234567, "
-            f"not {s.transfer_number!r}."
-        )
-    if s.max_call_seconds < 1 or s.max_turns < 1:
-        problems.append("MAX_CALL_SECONDS and MAX_TURNS must be at least 1.")
+        if value and not is_dial_target(value):
+            problems.append(
+                f"{name} must be a phone number in E.164 form such as +15551234567 "
+                f"(+, country code, number, no spaces) or a SIP URI such as "
+                f"sip:agent@example.com, not {value!r}."
+            )
     if s.streaming_enabled and not s.twilio_account_sid:
         problems.append(
             "TWILIO_ACCOUNT_SID is missing: streaming mode transfers and ends live calls "
             "through Twilio's REST API."
         )
-    if s.tool_timeout <= 0:
-        problems.append(f"TOOL_TIMEOUT_SECONDS must be above 0, not {s.tool_timeout:g}.")
     if s.end_of_call_webhook_url and not s.end_of_call_webhook_url.startswith(
         ("https://", "http://")
     ):
@@ -241,30 +298,38 @@ def _check(s: Settings) -> list[str]:
         problems.append(
             "END_OF_CALL_WEBHOOK_SECRET is missing: end-of-call reports are signed with it."
         )
-    if len(s.dtmf_transfer_key) > 1 or len(s.dtmf_repeat_key) > 1:
-        problems.append("DTMF_TRANSFER_KEY and DTMF_REPEAT_KEY must be one key each (or empty).")
-    problems += _check_hold(s)
+    elif s.end_of_call_webhook_secret:
+        problems += _webhook_secret_problems(s.end_of_call_webhook_secret)
+    for name, key in (
+        ("DTMF_TRANSFER_KEY", s.dtmf_transfer_key),
+        ("DTMF_REPEAT_KEY", s.dtmf_repeat_key),
+    ):
+        if key != NO_KEY and not (len(key) == 1 and key in "0123456789*#"):
+            problems.append(f"{name} must be one key (0-9, * or #) or {NO_KEY}, not {key!r}.")
+    if s.turn_max < s.hold_after:
+        problems.append(
+            f"TURN_MAX_SECONDS must be at least HOLD_AFTER_SECONDS ({s.hold_after:g}), "
+            f"not {s.turn_max:g}."
+        )
     if not s.prompts_dir.is_dir():
         problems.append(f"PROMPTS_DIR {str(s.prompts_dir)!r} is not a directory.")
     return problems
 
 
-# A slow turn holds (ivr/hold.py): the first answer must reach Twilio well
-# inside its limit, and a turn held longer than this is not worth the caller's wait.
-MAX_HOLD_AFTER = 10.0
-MAX_TURN_SECONDS = 300.0
-
-
-def _check_hold(s: Settings) -> list[str]:
-    problems = []
-    if s.hold_after != 0 and not 0.1 <= s.hold_after <= MAX_HOLD_AFTER:
-        problems.append(
-            f"HOLD_AFTER_SECONDS must be 0 (never hold) or between 0.1 and "
-            f"{MAX_HOLD_AFTER:g}, so the first answer reaches Twilio in time, not {s.hold_after:g}."
-        )
-    if not max(1.0, s.hold_after) <= s.turn_max <= MAX_TURN_SECONDS:
-        problems.append(
-            f"TURN_MAX_SECONDS must be at least 1 and HOLD_AFTER_SECONDS, and at most "
-            f"{MAX_TURN_SECONDS:g}, not {s.turn_max:g}."
-        )
-    return problems
+def _webhook_secret_problems(secret: str) -> list[str]:
+    """A Standard Webhooks secret is whsec_ + base64 of 24 to 64 random bytes."""
+    hint = (
+        "END_OF_CALL_WEBHOOK_SECRET must be whsec_ followed by 24 to 64 random bytes in "
+        'base64 (Standard Webhooks), e.g. the output of: python -c "import base64, os; '
+        "print('whsec_' + base64.b64encode(os.urandom(32)).decode())\""
+    )
+    encoded = secret.removeprefix("whsec_")
+    if encoded == secret:
+        return [hint + "."]
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return [hint + "; the part after whsec_ is not base64."]
+    if not 24 <= len(key) <= 64:
+        return [hint + f"; it holds {len(key)} bytes."]
+    return []

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 
 import redis
 
-from . import twiml
+from . import calllog, metrics, twiml
 from .calls import CallStore, TurnRecord
+from .claims import Leases
 from .config import Settings
 from .hold import Hold
 from .llm import LLMUnavailable, Responder
 from .prompts import Prompts
-from .report import build_report
 from .speakable import make_speakable
 from .tools import ToolCall, ToolRegistry
 
@@ -52,6 +52,7 @@ class Conversation:
         prompts: Prompts,
         settings: Settings,
         tools: ToolRegistry,
+        leases: Leases,
         reports=None,
     ):
         self.store = store
@@ -59,18 +60,29 @@ class Conversation:
         self.prompts = prompts
         self.settings = settings
         self.tools = tools
-        self.reports = reports  # a report.ReportSender, when END_OF_CALL_WEBHOOK_URL is set
+        self.leases = leases
+        self.reports = reports  # a report.ReportQueue, when END_OF_CALL_WEBHOOK_URL is set
         self.hold = Hold(self)  # slow turns: hold lines and /turn-wait
 
     # -- entry points -------------------------------------------------------------
 
     def begin_call(self, sid: str, caller: str, callee: str, mode: str) -> bool:
         """Record a new call; False for a repeated /voice or when Redis is down."""
-        return bool(
+        first = bool(
             self._safely(
                 sid, "start", lambda: self.store.start(sid, caller=caller, callee=callee, mode=mode)
             )
         )
+        if first:
+            metrics.CALLS.labels(mode).inc()
+            self._safely(
+                sid,
+                "index call",
+                lambda: calllog.index_call(
+                    self.store.redis, sid, time.time(), self.settings.transcript_retention
+                ),
+            )
+        return first
 
     def greet(self, sid: str, caller: str = "", callee: str = "") -> dict:
         greeting = self.prompts.line("greeting")
@@ -91,32 +103,93 @@ class Conversation:
 
     def take_turn(self, sid: str, turn: int | None, heard: Heard, started: float) -> dict:
         """Answer turn `turn` of call `sid`; `started` is the request's monotonic time."""
-        settings = self.settings
-        deadline = started + settings.llm_deadline
-        holding = bool(turn and settings.hold_after)
-        if turn:
-            claim = int(settings.turn_max if holding else settings.llm_deadline) + 10
-            stored, first = self._safely(
-                sid, "begin turn", lambda: self.store.begin_turn(sid, turn, claim), (None, True)
-            )
-            if stored:
-                return stored
-            if not first:
-                if holding:  # -- hold hook (ivr/hold.py): a retry waits like /turn-wait
-                    return self.hold.wait(
-                        sid, turn, started + settings.hold_after - time.monotonic()
-                    )
-                return self._await_first_delivery(sid, turn, deadline)
-        if holding:  # -- hold hook: slow answers go on in the background behind a hold line
+        deadline = started + self.settings.llm_deadline
+        calllog.begin_turn(started)  # timings for the call log
+        if not turn:
+            return self._answer_and_record(sid, turn, heard, deadline)
+        replay = self._claim_or_replay(sid, turn, started)
+        if replay is not None:
+            return replay
+        if self.settings.hold_after:
+            # A slow answer goes on in the background behind a hold line
+            # (ivr/hold.py), and that thread lets the claim go when it is stored.
             return self.hold.run(sid, turn, heard, started)
-        result, messages = self.answer_turn(sid, turn, heard, deadline)
-        return self.end_turn(sid, turn, result, messages)
+        claim = self.store.claim_keys(sid, turn)
+        try:
+            result = self._answer_and_record(sid, turn, heard, deadline)
+        except BaseException:
+            # Failed inside a live worker: a redelivery may answer at once.
+            self._safely(sid, "release claim", lambda: self.leases.release(*claim))
+            raise
+        self.leases.forget(*claim)
+        return result
 
     def wait_for_turn(self, sid: str, turn: int | None) -> dict:
         """/turn-wait: a held turn's answer, as soon as it is stored."""
         if not turn:
             return {"kind": "error", "text": self.prompts.line("error"), "next": None}
         return self.hold.wait(sid, turn)
+
+    def apologise(self, sid: str, turn: int | None) -> dict:
+        """Something unexpected failed: sorry, and the call goes on with a numbered Gather."""
+        return {
+            "kind": "apology",
+            "text": self.prompts.line("apology"),
+            "next": self._next_turn(sid, turn),
+        }
+
+    def finish(self, sid: str, status: str) -> None:
+        """The call ended: keep its record for the retention period, queue its report once.
+
+        Raises redis.RedisError when the end could not be recorded, so the
+        status callback fails and Twilio sends it again.
+        """
+        self.store.finish(sid, status)
+        if self.reports and not self.store.is_reported(sid):
+            self.reports.enqueue(sid)
+            self.store.mark_reported(sid)  # only once the report is durably queued
+
+    # -- replay protection ----------------------------------------------------------
+
+    def _claim_or_replay(self, sid: str, turn: int, started: float) -> dict | None:
+        """None when this delivery owns the turn; else the answer to replay.
+
+        A repeated delivery waits for the first one's answer while that one's
+        worker is alive; when its claim lapses (the worker died) or is given
+        back (it failed), this delivery claims the turn and answers it. Past
+        HOLD_AFTER_SECONDS it says a hold line and goes on waiting at /turn-wait.
+        """
+        settings = self.settings
+        deadline = started + (settings.hold_after or settings.llm_deadline)
+        owner = self.leases.owner_id()
+        while True:
+            stored, claimed = self._safely(
+                sid,
+                "begin turn",
+                lambda: self.store.begin_turn(sid, turn, owner, self.leases.lease_ms),
+                (None, True),  # Redis down: answer without replay protection
+            )
+            if stored:
+                return stored
+            if claimed:
+                self.leases.hold(*self.store.claim_keys(sid, turn))
+                return None
+            if time.monotonic() + REPLAY_POLL_SECONDS >= deadline:
+                if settings.hold_after:
+                    return self.hold.hold_line(sid, turn)
+                return {"kind": "error", "text": self.prompts.line("error"), "next": turn + 1}
+            time.sleep(REPLAY_POLL_SECONDS)
+
+    def _next_turn(self, sid: str, turn: int | None) -> int | None:
+        """The number for the next Gather: every Gather has one, so replays are caught."""
+        if turn:
+            return turn + 1
+        return self._safely(sid, "number a turn", lambda: self.store.fresh_turn(sid))
+
+    # -- the turn -------------------------------------------------------------------
+
+    def _answer_and_record(self, sid: str, turn: int | None, heard: Heard, deadline: float) -> dict:
+        return self.end_turn(sid, turn, *self.answer_turn(sid, turn, heard, deadline))
 
     def end_turn(self, sid: str, turn: int | None, result: dict, messages: list[dict]) -> dict:
         """Store the turn's answer (for replays) and its messages; returns the answer."""
@@ -127,26 +200,15 @@ class Conversation:
                 *messages,
                 {"role": "agent_line", "content": result["text"], "kind": result["kind"]},
             ]
+        messages = calllog.annotate(messages)
         self._safely(sid, "end turn", lambda: self.store.end_turn(sid, turn, result, messages))
         return result
-
-    def finish(self, sid: str, status: str) -> None:
-        """The call ended: keep its record for the retention period, report it once."""
-        self._safely(sid, "finish", lambda: self.store.finish(sid, status))
-        if self.reports and self._safely(sid, "claim report", lambda: self.store.claim_report(sid)):
-            report = self._safely(
-                sid, "build report", lambda: build_report(self.store, sid, status)
-            )
-            if report:
-                self.reports.send_later(report)
-
-    # -- the turn -------------------------------------------------------------------
 
     def answer_turn(
         self, sid: str, turn: int | None, heard: Heard, deadline: float
     ) -> tuple[dict, list[dict]]:
         """What to say for the caller's words, and the messages to record; stores nothing."""
-        next_turn = turn + 1 if turn else None
+        next_turn = self._next_turn(sid, turn)
         settings = self.settings
         if heard.digits:
             keyed = self._keypad(sid, heard.digits, next_turn)
@@ -249,15 +311,6 @@ class Conversation:
                 "end_reason": "silence",  # as the relay records it in streaming mode
             }
         return {"kind": "reprompt", "text": self.prompts.line("reprompt"), "next": next_turn}
-
-    def _await_first_delivery(self, sid: str, turn: int, deadline: float) -> dict:
-        """A retry arrived while the first delivery is still being answered."""
-        while time.monotonic() < deadline:
-            time.sleep(REPLAY_POLL_SECONDS)
-            stored = self._safely(sid, "replay", lambda: self.store.stored_result(sid, turn))
-            if stored:
-                return stored
-        return {"kind": "error", "text": self.prompts.line("error"), "next": turn + 1}
 
     def _safely(self, sid: str, what: str, action: Callable, default=None):
         try:

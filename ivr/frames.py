@@ -59,11 +59,42 @@ def encode(opcode: int, payload: bytes, *, mask: bool = False) -> bytes:
 
 
 def close_payload(code: int, reason: str = "") -> bytes:
-    return code.to_bytes(2, "big") + reason.encode()[:123]
+    # A control frame carries at most 125 bytes; a reason cut there stays valid UTF-8.
+    return code.to_bytes(2, "big") + reason.encode()[:123].decode(errors="ignore").encode()
 
 
 def close_code(payload: bytes) -> int:
     return int.from_bytes(payload[:2], "big") if len(payload) >= 2 else CLOSE_NORMAL
+
+
+def sendable(code: int) -> bool:
+    """A close code an endpoint may put in a Close frame (RFC 6455 section 7.4).
+
+    1005, 1006 and 1015 only report what happened locally and are never sent;
+    1004 and 1016-2999 are reserved; 3000-4999 belong to libraries and applications.
+    """
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+def close_answer(payload: bytes) -> tuple[int, str]:
+    """The code and reason that answer a peer's Close frame (RFC 6455 sections 5.5.1, 7.4).
+
+    No body: 1000. A valid code is echoed, as endpoints typically do. A
+    one-byte body or a code that may not be sent is a protocol error (1002);
+    a reason that is not UTF-8 is invalid data (1007).
+    """
+    if not payload:
+        return CLOSE_NORMAL, ""
+    if len(payload) == 1:
+        return CLOSE_PROTOCOL_ERROR, "one-byte close body"
+    code = close_code(payload)
+    if not sendable(code):
+        return CLOSE_PROTOCOL_ERROR, f"invalid close code {code}"
+    try:
+        payload[2:].decode()
+    except UnicodeDecodeError:
+        return CLOSE_INVALID_DATA, "close reason is not UTF-8"
+    return code, ""
 
 
 class Reader:

@@ -12,9 +12,11 @@ line and redirects again.
 
 Keys, with the same `{CallSid}` hash tag as calls.py:
 
-    ivr:{CA…}:owner:N  the owner's heartbeat (value: the turn's deadline, epoch
-                       seconds), refreshed every second with a 3 s expiry; a
-                       waiter that finds it gone knows the owner died
+    ivr:{CA…}:claim:N  the turn's claim (calls.py), a lease renewed while its
+                       worker lives (claims.py): gone with no answer stored
+                       means the owner died
+    ivr:{CA…}:held:N   the held turn's deadline (epoch seconds), so a waiter
+                       also stops waiting for a live but wedged owner
     ivr:{CA…}:done:N   a stream that gets one entry when turn N is stored;
                        XREAD BLOCK does not consume it, so every waiter wakes
     ivr:{CA…}:hold     the last hold line said, never said twice in a row
@@ -22,6 +24,7 @@ Keys, with the same `{CallSid}` hash tag as calls.py:
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import dataclasses
 import logging
@@ -37,62 +40,15 @@ log = logging.getLogger(__name__)
 # inside Twilio's 15 s, with room for Redis, rendering and the network.
 WAIT_SECONDS = 10.0
 # A blocking read's slice: under the Redis client's 1 s socket timeout, and
-# the longest a waiter goes without looking at the owner's heartbeat.
+# the longest a waiter goes without looking at the owner's claim.
 SLICE_SECONDS = 0.5
-BEAT_SECONDS = 1.0
-BEAT_TTL_MS = 3000
-# A missing heartbeat counts after this long: a retried delivery may look
-# between the owner's claim and its first beat.
+# A missing claim counts after this long: a turn answered while Redis was
+# briefly unreachable was never claimed, yet its answer may still come.
 MISSING_GRACE = 1.0
 # Past its deadline an owner still has this long to store the error line itself.
 LATE_GRACE = 3.0
 
 BUILT_IN_HOLD_LINES = ["One moment, please.", "Let me check that for you."]
-
-
-class Heartbeats:
-    """One thread per process refreshes the heartbeat of every turn it owns."""
-
-    def __init__(self, client: redis.Redis):
-        self.redis = client
-        self._owned: dict[str, str] = {}  # key -> value (the turn's deadline)
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    def own(self, key: str, value: str) -> None:
-        """Beat once now (raises RedisError when Redis is down), then every second."""
-        self.redis.set(key, value, px=BEAT_TTL_MS)
-        with self._lock:
-            self._owned[key] = value
-            if self._thread is None:
-                # Started on first use, in the worker process, never before a fork.
-                self._thread = threading.Thread(target=self._beat, daemon=True, name="heartbeat")
-                self._thread.start()
-
-    def release(self, key: str) -> None:
-        with self._lock:
-            self._owned.pop(key, None)
-        try:
-            self.redis.delete(key)
-        except redis.RedisError as exc:  # it expires on its own within seconds
-            log.warning("heartbeat %s not removed: %s", key, exc)
-
-    def _beat(self) -> None:
-        while True:
-            time.sleep(BEAT_SECONDS)
-            with self._lock:
-                owned = dict(self._owned)
-                if not owned:
-                    # Nothing to keep alive: stop, so an idle worker exits promptly.
-                    self._thread = None
-                    return
-            try:
-                with self.redis.pipeline(transaction=False) as pipe:
-                    for key, value in owned.items():
-                        pipe.set(key, value, px=BEAT_TTL_MS)
-                    pipe.execute()
-            except redis.RedisError as exc:
-                log.warning("heartbeats not refreshed: %s", exc)
 
 
 class Hold:
@@ -104,56 +60,124 @@ class Hold:
         self.redis = conversation.store.redis
         self.prompts = conversation.prompts
         self.settings = conversation.settings
-        self.heartbeats = Heartbeats(self.redis)
+        self.leases = conversation.leases
         self.patient = _patient(conversation)
+        self._running: set[threading.Thread] = set()
+        self._lock = threading.Lock()
 
     # -- the turn's own request ------------------------------------------------------
 
     def run(self, sid: str, turn: int, heard, started: float) -> dict:
-        """Answer turn N: the answer if it is ready within HOLD_AFTER_SECONDS, else a hold."""
+        """Answer claimed turn N: the answer if it is ready within HOLD_AFTER_SECONDS,
+        else a hold line. The claim is let go once the answer is stored."""
         settings = self.settings
         deadline = started + settings.turn_max
-        owner = self._key(sid, f"owner:{turn}")
+        claim = self.store.claim_keys(sid, turn)
         try:
-            self.heartbeats.own(owner, f"{time.time() + settings.turn_max:.3f}")
+            self.redis.set(
+                self._key(sid, f"held:{turn}"),
+                f"{time.time() + settings.turn_max:.3f}",
+                ex=int(settings.turn_max) + 60,
+            )
         except redis.RedisError as exc:
             # Nowhere to leave the answer for another request: answer in this
             # one, inside Twilio's limit, as without holding.
             log.error("call %s turn %s: cannot hold (%s); answering inline", sid, turn, exc)
-            return self._answer(
-                self.conversation, sid, turn, heard, started + settings.llm_deadline
-            )
-        finished = threading.Event()
+            try:
+                result = self._answer(
+                    self.conversation, sid, turn, heard, started + settings.llm_deadline
+                )
+            except BaseException:
+                self._release(sid, claim)
+                raise
+            self.leases.forget(*claim)
+            return result
+        settled = threading.Event()  # an answer to give, or a failure to raise
         outcome: dict = {}
+        handoff = threading.Lock()  # decides who gives them: this request or a waiter
+
+        def settle(key: str, value) -> bool:
+            """Hand `value` to the request unless it already said a hold line."""
+            with handoff:
+                if outcome.get("held"):
+                    return False
+                outcome[key] = value
+            settled.set()
+            return True
 
         def work():
             try:
-                outcome["result"] = self._answer(self.patient, sid, turn, heard, deadline)
-            except Exception:  # a bug must not leave the caller on hold
-                log.exception("call %s turn %s: unexpected error while held", sid, turn)
-                outcome["result"] = self._give_up(sid, turn, "apology")
+                # A ready answer still being stored when HOLD_AFTER_SECONDS is up
+                # (Redis slow or frozen) is given by the request, not held.
+                self._answer(
+                    self.patient, sid, turn, heard, deadline, ready=lambda r: settle("answer", r)
+                )
+            except Exception as exc:
+                if settle("error", exc):
+                    # The request is still here: it fails as an unheld turn does,
+                    # and a redelivery may answer the turn at once.
+                    self._release(sid, claim)
+                else:  # a bug must not leave the caller on hold
+                    log.exception("call %s turn %s: unexpected error while held", sid, turn)
+                    self._give_up(sid, turn, "apology")
             finally:
                 self._signal(sid, turn)
-                self.heartbeats.release(owner)
-                finished.set()
+                self.leases.forget(*claim)
+                with self._lock:
+                    self._running.discard(threading.current_thread())
+                settled.set()
 
-        threading.Thread(target=work, daemon=True, name="held-turn").start()
-        if finished.wait(max(0.0, started + settings.hold_after - time.monotonic())):
-            return outcome["result"]
+        # The call log's timings for this turn live in a context variable.
+        thread = threading.Thread(
+            target=contextvars.copy_context().run, args=(work,), daemon=True, name="held-turn"
+        )
+        with self._lock:
+            self._running.add(thread)
+        thread.start()
+        settled.wait(max(0.0, started + settings.hold_after - time.monotonic()))
+        with handoff:
+            outcome["held"] = not ("answer" in outcome or "error" in outcome)
+        if "error" in outcome:
+            thread.join()  # the claim is given back before the request fails
+            raise outcome["error"]
+        if "answer" in outcome:
+            thread.join()  # stored first, as an unheld turn is, so a replay finds it
+            return outcome["answer"]
         log.info("call %s turn %s: not ready after %gs; holding", sid, turn, settings.hold_after)
         return self.hold_line(sid, turn)
 
-    def _answer(self, conversation, sid: str, turn: int, heard, deadline: float) -> dict:
+    def _release(self, sid: str, claim) -> None:
+        try:
+            self.leases.release(*claim)
+        except redis.RedisError as exc:  # it lapses within one lease anyway
+            log.error("call %s: Redis failed during release claim: %s", sid, exc)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Let held turns still running finish (an app being discarded), up to `timeout`."""
+        until = time.monotonic() + timeout
+        with self._lock:
+            running = list(self._running)
+        for thread in running:
+            thread.join(max(0.0, until - time.monotonic()))
+
+    def _answer(
+        self, conversation, sid: str, turn: int, heard, deadline: float, ready=None
+    ) -> dict:
         result, messages = conversation.answer_turn(sid, turn, heard, deadline)
-        if self._moved_on(sid, turn):
+        inline = ready(result) if ready else True
+        if not inline and self._moved_on(sid, turn):
             # The caller spoke over the hold line: the next turn has begun. The
             # answer goes in the history, marked, and is never spoken.
             messages = [{**m, "unheard": True} for m in messages]
         return conversation.end_turn(sid, turn, result, messages)
 
     def _moved_on(self, sid: str, turn: int) -> bool:
+        """Whether the next turn was claimed (or already answered) meanwhile."""
         try:
-            return bool(self.redis.exists(self._key(sid, f"claim:{turn + 1}")))
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.exists(self.store.claim_keys(sid, turn + 1)[0])
+                pipe.hexists(self._key(sid, "results"), str(turn + 1))
+                return any(pipe.execute())
         except redis.RedisError:
             return False
 
@@ -174,16 +198,19 @@ class Hold:
         seconds (default WAIT_SECONDS)."""
         began = time.monotonic()
         until = began + (WAIT_SECONDS if patience is None else patience)
-        results, owner = self._key(sid, "results"), self._key(sid, f"owner:{turn}")
+        results, held = self._key(sid, "results"), self._key(sid, f"held:{turn}")
+        claim = self.store.claim_keys(sid, turn)[0]
         try:
             while True:
                 with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.get(owner)  # read first: the owner stores, then stops beating
+                    # The claim first: it is deleted in the transaction that stores the answer.
+                    pipe.get(claim)
+                    pipe.get(held)
                     pipe.hget(results, str(turn))
-                    beat, stored = pipe.execute()
+                    claimed, until_epoch, stored = pipe.execute()
                 if stored:
                     return self.store.stored_result(sid, turn)
-                if self._lost(beat, began):
+                if self._lost(claimed, until_epoch, began):
                     log.error("call %s turn %s: its worker is gone; error line", sid, turn)
                     return self._give_up(sid, turn, "error")
                 left = until - time.monotonic()
@@ -199,17 +226,17 @@ class Hold:
             return self._error(turn, "error")
 
     @staticmethod
-    def _lost(beat, began: float) -> bool:
-        if beat is None:
+    def _lost(claimed, until_epoch, began: float) -> bool:
+        if claimed is None:  # its lease lapsed: the worker died
             return time.monotonic() - began > MISSING_GRACE
         # Alive but past its deadline (a wedged thread): stop waiting for it.
-        return time.time() > float(beat) + LATE_GRACE
+        return until_epoch is not None and time.time() > float(until_epoch) + LATE_GRACE
 
     def _give_up(self, sid: str, turn: int, line: str) -> dict:
         """Store the error line as turn N's answer, unless an answer got there first."""
         result = self._error(turn, line)
-        agent_line = {"role": "agent_line", "content": result["text"], "kind": result["kind"]}
-        stored = self.conversation.end_turn(sid, turn, result, [agent_line])
+        # end_turn records the line in the transcript too.
+        stored = self.conversation.end_turn(sid, turn, result, [])
         try:
             return self.store.stored_result(sid, turn) or stored
         except redis.RedisError:

@@ -22,6 +22,7 @@ from tenacity import (
     wait_random,
 )
 
+from . import calllog
 from .tools import ToolCall, ToolRegistry
 
 log = logging.getLogger(__name__)
@@ -200,12 +201,19 @@ class Responder:
         # walks every message through the SDK's TypedDict transformer, which
         # costs ~0.4 ms per history message (bench/turns.py); these messages
         # are plain JSON already. Errors, auth and timeouts are the same path.
-        completion = self.client.post(
-            "/chat/completions",
-            body=body,
-            cast_to=ChatCompletion,
-            options={"timeout": min(self.attempt_timeout, left)},
-        )
+        began = time.monotonic()
+        try:
+            completion = self.client.post(
+                "/chat/completions",
+                body=body,
+                cast_to=ChatCompletion,
+                options={"timeout": min(self.attempt_timeout, left)},
+            )
+        except openai.OpenAIError as exc:
+            result = "retryable" if is_retryable(exc) else "failed"
+            calllog.note_attempt(result, time.monotonic() - began)
+            raise
+        calllog.note_attempt("ok", time.monotonic() - began)
         if not completion.choices:
             return {}
         return completion.choices[0].message.to_dict()

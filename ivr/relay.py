@@ -27,14 +27,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .calllog import StreamTimings
 from .calls import CallStore
+from .playback import Playback
+from .writer import CallWriter
 
 log = logging.getLogger(__name__)
 
-BYTES_PER_MS = 8  # mu-law, 8000 samples/s, one byte per sample
 MAX_EARLY_FRAMES = 250  # caller audio kept while the model connects: 5 s of 20 ms frames
 WAIT_TICK = 0.05  # how often the caller's loop looks at the model while it connects
 NO_START_GRACE = 3.0  # seconds past the connect budget to wait for Twilio's `start`
+HISTORY_WAIT = 0.5  # how long the greeting waits for the call's history from Redis
 # Most model events are audio deltas: they are forwarded without a JSON parse
 # when their type is near the start (after at most an event_id).
 AUDIO_DELTA = b'"type":"response.output_audio.delta"'
@@ -54,31 +57,6 @@ class RelayConfig:
     transcription_model: str = "gpt-4o-mini-transcribe"
     connect_timeout: float = 2.0
     tools: list = field(default_factory=list)  # realtime function definitions
-
-
-@dataclass
-class _Playback:
-    """What the caller has heard of the agent's current audio item, from marks."""
-
-    item_id: str | None = None
-    sent_bytes: int = 0
-    started_at: float = 0.0
-    acked_bytes: int = 0
-    acked_at: float = 0.0
-    pending: collections.deque = field(default_factory=collections.deque)
-
-    def heard_ms(self, now: float) -> int:
-        """Audio played so far: the last acknowledged mark, plus real time since then.
-
-        Twilio plays at 8 bytes/ms; the estimate is capped at the next mark's
-        end, since audio not yet marked as sent cannot have played.
-        """
-        base_bytes, since = (
-            (self.acked_bytes, self.acked_at) if self.acked_at else (0, self.started_at)
-        )
-        estimate = base_bytes + (now - since) * 1000 * BYTES_PER_MS
-        ceiling = self.pending[0][1] if self.pending else self.sent_bytes
-        return int(min(estimate, ceiling) // BYTES_PER_MS)
 
 
 class Relay:
@@ -112,14 +90,30 @@ class Relay:
         self._model_failed: str | None = None
         self._stopping = False
         self._early_frames: collections.deque = collections.deque(maxlen=MAX_EARLY_FRAMES)
-        self._playback = _Playback()
+        self._playback = Playback()
         self._truncated: set[str] = set()
-        self._response_active = False
-        self._mark_seq = 0
+        # One response at a time, as the service requires: a response.create
+        # while one is requested or active waits here, and one the service
+        # refused (a response of its own started first) is asked for again.
+        self._response = "idle"  # idle -> requested (by us) -> active -> idle
+        self._response_lock = threading.Lock()
+        self._queued: collections.deque[str] = collections.deque()
+        self._requests: dict[str, str] = {}  # event_id -> our response.create in flight
+        self._request_seq = 0
         self._reader: threading.Thread | None = None
+        # Redis is kept off the audio loops: writes go through the call's
+        # writer, and the history is read while the model connects.
+        self.writer = CallWriter()
+        self._history_loaded = threading.Event()
+        self._history: list[dict] = []
+        self._started_at = 0.0
+        self.timings = StreamTimings()  # for the call log
         self._model_handlers = {
             "response.output_audio.delta": self._on_audio_delta,
             "input_audio_buffer.speech_started": self._on_speech_started,
+            "input_audio_buffer.speech_stopped": lambda e: self.timings.speech_stopped(
+                self.clock()
+            ),
             "response.created": self._on_response_created,
             "response.done": self._on_response_done,
             "conversation.item.input_audio_transcription.completed": self._on_caller_transcript,
@@ -158,7 +152,14 @@ class Relay:
                     log.warning("no start message on the media stream; closing it")
                     self.outcome = "no-start"
                     break
-                if self._model_ready.is_set() and self.stream_sid:
+                if (
+                    self._model_ready.is_set()
+                    and self.stream_sid
+                    and (
+                        self._history_loaded.is_set()
+                        or self.clock() > self._started_at + HISTORY_WAIT
+                    )
+                ):
                     self._begin()
                     started = True
         except Exception as exc:  # the socket closed, or a bug: end the stream either way
@@ -186,6 +187,9 @@ class Relay:
             self.stream_sid = start["streamSid"]
             self.call_sid = start.get("callSid", "")
             self.custom = start.get("customParameters") or {}
+            self.writer.call_sid = self.call_sid or "?"
+            self._started_at = self.clock()
+            threading.Thread(target=self._load_history, daemon=True, name="history").start()
         elif kind == "dtmf":
             digit = event["dtmf"]["digit"]
             self.record("dtmf", digit)
@@ -210,16 +214,8 @@ class Relay:
             self._early_frames.append(payload)
 
     def _on_mark(self, name: str) -> None:
-        pending = self._playback.pending
-        while pending:
-            mark_name, end_bytes, item_id = pending.popleft()
-            if mark_name == name:
-                if item_id == self._playback.item_id:
-                    self._playback.acked_bytes = end_bytes
-                    self._playback.acked_at = self.clock()
-                if not pending and self.control:
-                    self.control.on_played()
-                return
+        if self._playback.acked(name, self.clock()) and self.control:
+            self.control.on_played()
 
     # -- model connection -------------------------------------------------------------
 
@@ -266,7 +262,7 @@ class Relay:
         # conversation does not know.
         history = [
             m
-            for m in self._history()
+            for m in (self._history if self._history_loaded.is_set() else [])
             if m["role"] in ("user", "assistant") and m.get("content") and not m.get("tool_calls")
         ]
         for message in history:
@@ -284,10 +280,7 @@ class Relay:
                 )
             )
         if not history and self.config.greeting:
-            greet = f"Greet the caller by saying exactly: {self.config.greeting}"
-            self.model.send_raw(
-                json.dumps({"type": "response.create", "response": {"instructions": greet}})
-            )
+            self.request_response(f"Greet the caller by saying exactly: {self.config.greeting}")
         while self._early_frames:
             self.model.send_raw(
                 '{"type":"input_audio_buffer.append","audio":"'
@@ -296,18 +289,18 @@ class Relay:
             )
         self._reader = threading.Thread(target=self._read_model, name="model-reader", daemon=True)
         self._reader.start()
-        self.on_success()
+        self.writer.submit("stream breaker reset", self.on_success)
         if self.control:
             self.control.attach(self)
 
-    def _history(self) -> list[dict]:
-        if not (self.store and self.call_sid):
-            return []
+    def _load_history(self) -> None:
         try:
-            return self.store.history(self.call_sid)
+            if self.store and self.call_sid:
+                self._history = self.store.history(self.call_sid)
         except Exception as exc:  # Redis down: the call goes on without memory
             log.error("call %s: history unavailable for the stream: %s", self.call_sid, exc)
-            return []
+        finally:
+            self._history_loaded.set()
 
     # -- the model's loop ------------------------------------------------------------
 
@@ -337,14 +330,9 @@ class Relay:
         """Send one chunk of the agent's audio to Twilio, followed by its mark."""
         if item_id in self._truncated:
             return  # audio generated before our cancel arrived: the caller moved on
-        playback = self._playback
         now = self.clock()
-        if item_id != playback.item_id:
-            self._playback = playback = _Playback(item_id=item_id, started_at=now)
-        playback.sent_bytes += _decoded_length(delta)
-        self._mark_seq += 1
-        name = f"m{self._mark_seq}"
-        playback.pending.append((name, playback.sent_bytes, item_id))
+        self.timings.audio_started(item_id, now)  # the first audio after the caller spoke
+        name = self._playback.sent(item_id, _decoded_length(delta), now)
         sid = self.stream_sid
         self.twilio.send(
             '{"event":"media","streamSid":"' + sid + '","media":{"payload":"' + delta + '"}}',
@@ -356,35 +344,61 @@ class Relay:
         if self.control and not self.control.on_caller_speech():
             return  # the agent is saying goodbye: let it finish
         playback = self._playback
-        speaking = bool(playback.pending)
-        if not (speaking or self._response_active):
+        if not (playback.speaking or self._response != "idle"):
             return
-        if speaking:
-            heard_ms = playback.heard_ms(self.clock())
+        if playback.speaking:
             self.twilio.send('{"event":"clear","streamSid":"' + self.stream_sid + '"}')
-            playback.pending.clear()  # Twilio returns these marks unplayed after a clear
-            self._truncated.add(playback.item_id)
-            self.model.send_raw(
-                json.dumps(
-                    {
-                        "type": "conversation.item.truncate",
-                        "item_id": playback.item_id,
-                        "content_index": 0,
-                        "audio_end_ms": heard_ms,
-                    }
+            # Twilio returns the pending marks unplayed after a clear: they are forgotten here.
+            for item_id, heard_ms in playback.interrupt(self.clock()):
+                self.timings.interrupted(item_id, heard_ms)
+                self._truncated.add(item_id)
+                self.model.send_raw(
+                    json.dumps(
+                        {
+                            "type": "conversation.item.truncate",
+                            "item_id": item_id,
+                            "content_index": 0,
+                            "audio_end_ms": heard_ms,
+                        }
+                    )
                 )
-            )
-        if self._response_active:
+        if self._response != "idle":
+            # Sent after our response.create, if one is in flight: the service
+            # starts that response first, then cancels it.
             self.model.send_raw('{"type":"response.cancel"}')
-            self._response_active = False
 
     def _on_response_created(self, event: dict) -> None:
-        self._response_active = True
+        with self._response_lock:
+            self._response = "active"
 
     def _on_response_done(self, event: dict) -> None:
-        self._response_active = False
+        with self._response_lock:
+            self._response = "idle"
+            self._requests.clear()
+            self._send_next_response()
         if self.control:
             self.control.on_response_done()
+
+    def request_response(self, instructions: str | None = None) -> None:
+        """Ask the model to respond: now if it is free, else once its response is done."""
+        with self._response_lock:
+            self._request_seq += 1
+            event_id = f"relay_rc{self._request_seq}"
+            body = {"instructions": instructions} if instructions else {}
+            self._queued.append(
+                json.dumps({"type": "response.create", "event_id": event_id, "response": body})
+            )
+            if self._response == "idle":
+                self._send_next_response()
+
+    def _send_next_response(self) -> None:
+        """Under the response lock, with no response requested or active."""
+        if not self._queued:
+            return
+        message = self._queued.popleft()
+        self._requests[json.loads(message)["event_id"]] = message
+        self._response = "requested"
+        self.model.send_raw(message)
 
     def _on_function_call(self, event: dict) -> None:
         if self.control:
@@ -399,16 +413,29 @@ class Relay:
 
     def _on_agent_transcript(self, event: dict) -> None:
         extra = {"interrupted": True} if event.get("item_id") in self._truncated else {}
+        extra.update(self.timings.pop(event.get("item_id")))
         self.record("assistant", event.get("transcript", "").strip(), **extra)
 
     def _on_model_error(self, event: dict) -> None:
-        # Most error events are about one request (e.g. cancelling a response
-        # that already finished); the session goes on.
+        # An error event is about one request (cancelling a response that had
+        # already finished, a response.create racing the service's own
+        # response) or one response; the session goes on, and so does the call.
+        error = event.get("error") or {}
         log.warning(
-            "call %s: realtime model error: %s",
-            self.call_sid,
-            event.get("error", {}).get("message", event),
+            "call %s: realtime model error (%s): %s",
+            self.call_sid or "?",
+            error.get("code") or error.get("type"),
+            error.get("message", event),
         )
+        with self._response_lock:
+            refused = self._requests.pop(error.get("event_id") or "", None)
+            if refused is None:
+                return
+            if error.get("code") == "conversation_already_has_active_response":
+                self._queued.appendleft(refused)  # again, once that response is done
+            if self._response == "requested" and not self._requests:
+                self._response = "idle"
+                self._send_next_response()
 
     # -- what call control may ask of the relay -------------------------------------------
 
@@ -418,18 +445,27 @@ class Relay:
 
     def is_speaking(self) -> bool:
         """Agent audio is being generated or has not finished playing."""
-        return self._response_active or bool(self._playback.pending)
+        return self._response != "idle" or bool(self._queued) or self._playback.speaking
 
     def say(self, text: str) -> None:
-        """Have the model speak `text` now, in its own voice."""
+        """Have the model speak `text` in its own voice, as soon as it is free."""
+        self.request_response(f"Say exactly this and nothing else: {text}")
+
+    def tell(self, words: str) -> None:
+        """Add the caller's `words` to the conversation and have the model answer them."""
         self.model.send_raw(
             json.dumps(
                 {
-                    "type": "response.create",
-                    "response": {"instructions": f"Say exactly this and nothing else: {text}"},
+                    "type": "conversation.item.create",
+                    "item": {
+                        "type": "message",
+                        "role": "user",
+                        "content": [{"type": "input_text", "text": words}],
+                    },
                 }
             )
         )
+        self.request_response()
 
     def send_tool_output(self, call_id: str, output: str, respond: bool = True) -> None:
         self.model.send_raw(
@@ -441,28 +477,35 @@ class Relay:
             )
         )
         if respond:
-            self.model.send_raw('{"type":"response.create"}')
+            self.request_response()
+
+    def end_call(self, outcome: str) -> None:
+        """Call control moved the call: close the stream; its <Connect action> takes over."""
+        log.info("call %s: closing the stream (%s)", self.call_sid or "?", outcome)
+        self.outcome = outcome
+        self._stopping = True
+        _close_quietly(self.twilio)
 
     # -- shared ------------------------------------------------------------------------
 
     def record(self, role: str, text: str, **extra) -> None:
         if not (text and self.store and self.call_sid):
             return
-        try:
-            self.store.append(self.call_sid, role, text, "stream", **extra)
-        except Exception as exc:  # a transcript line is not worth the call
-            log.error("call %s: transcript not stored: %s", self.call_sid, exc)
+        self.writer.submit(
+            "transcript line", self.store.append, self.call_sid, role, text, "stream", **extra
+        )
 
     def _fail(self, outcome: str, reason: str) -> None:
         """The model is gone: close Twilio's socket so its <Connect action> runs Gather mode."""
         log.warning("call %s: %s; falling back to Gather mode", self.call_sid or "?", reason)
         self.outcome = outcome
-        self.on_failure(reason)
+        self.writer.submit("stream breaker failure", self.on_failure, reason)
         self._stopping = True
         _close_quietly(self.twilio)
 
     def _shutdown(self) -> None:
         self._stopping = True
+        self.writer.close()  # what is queued is still written
         if self.control:
             self.control.stop()
         if self.model is not None:

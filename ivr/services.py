@@ -18,13 +18,14 @@ from twilio.rest import Client as TwilioClient
 
 from .breaker import StreamBreaker
 from .calls import CallStore
+from .claims import Leases
 from .config import Settings
 from .control import CallControl
 from .conversation import Conversation
 from .llm import Responder
 from .prompts import Prompts
 from .redis_cluster import ClusterClient
-from .report import ReportSender
+from .report import ReportQueue
 from .tools import load_modules
 from .tools import registry as tool_registry
 
@@ -42,6 +43,13 @@ class Services:
     conversation: Conversation
     breaker: StreamBreaker
     call_control: CallControl
+
+    def close(self) -> None:
+        """Close the clients' connections (an app being discarded, a CLI command done)."""
+        # Held turns use Redis to the end: a connection opened after close() would leak.
+        self.conversation.hold.close()
+        self.redis.close()
+        self.openai.close()
 
 
 def get_services() -> Services:
@@ -103,15 +111,16 @@ def build_services(settings: Settings, prompts: Prompts) -> Services:
         attempt_timeout=settings.llm_attempt_timeout,
         max_tokens=settings.llm_max_tokens,
     )
-    reports = (
-        ReportSender(
+    reports = None
+    if settings.end_of_call_webhook_url:
+        reports = ReportQueue(
+            store,
             settings.end_of_call_webhook_url,
             settings.end_of_call_webhook_secret,
             backoff=settings.end_of_call_retry_seconds,
         )
-        if settings.end_of_call_webhook_url
-        else None
-    )
+        # Reports queued before a restart go out without waiting for a new call to end.
+        reports.start()
     # Twilio's REST API moves live streaming calls (transfer, hang up).
     twilio_rest = (
         TwilioClient(settings.twilio_account_sid, settings.twilio_auth_token)
@@ -133,7 +142,13 @@ def build_services(settings: Settings, prompts: Prompts) -> Services:
         store=store,
         responder=responder,
         conversation=Conversation(
-            store, responder, prompts, settings, tool_registry, reports=reports
+            store,
+            responder,
+            prompts,
+            settings,
+            tool_registry,
+            leases=Leases(redis_client),
+            reports=reports,
         ),
         call_control=call_control,
         breaker=StreamBreaker(

@@ -255,6 +255,8 @@ def validate_twiml(body: bytes, url: str) -> ET.Element:
             for child in verb:
                 if child.tag not in GATHER_CHILDREN:
                     raise TwilioWouldFail(f"{url}: <Gather> may not contain <{child.tag}>")
+        if verb.tag == "Dial" and (verb.text or "").strip().lower().startswith("sip"):
+            raise TwilioWouldFail(f"{url}: <Dial> reaches a SIP URI only inside <Sip>")
     return root
 
 

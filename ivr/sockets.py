@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import socket
 import threading
+import time
 
 from simple_websocket import ConnectionClosed
 from websockets.frames import Opcode
@@ -182,7 +183,7 @@ class TwilioSocket:
                 self._write(frames.encode(frames.OP_PONG, payload))
             elif opcode == frames.OP_CLOSE:
                 self._ended("closed by Twilio")
-                self.close(frames.close_code(payload))  # the closing handshake's answer
+                self.close(*frames.close_answer(payload))  # the closing handshake's answer
                 return
             # Binary messages and pongs carry nothing for the relay: Twilio's are JSON text.
 
@@ -211,8 +212,25 @@ class TwilioSocket:
         self._close_timer.daemon = True
         self._close_timer.start()
 
+    def finish(self, grace: float = CLOSE_GRACE) -> None:
+        """After the relay: the closing handshake, then the TCP close.
+
+        When the relay ended the stream itself (a stop, no start, a bad
+        message) it has not closed yet: the Close frame goes out now. Then
+        Twilio has `grace` seconds to answer it before the connection ends.
+        """
+        self.close()
+        deadline = time.monotonic() + grace
+        try:
+            while not self._closed and (left := deadline - time.monotonic()) > 0:
+                self.receive(timeout=left)  # what Twilio still sends is of no use now
+                self._messages.clear()
+        except Exception:  # closed, reset or a protocol error: the connection is over
+            pass
+        self.end()
+
     def end(self) -> None:
-        """After the relay: stop pinging and finish the TCP connection now.
+        """Stop pinging and finish the TCP connection now.
 
         Some servers keep the socket open behind their own file objects after
         the view returns, so it is shut down here explicitly.

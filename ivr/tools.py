@@ -17,23 +17,48 @@ and the model's arguments, and returns anything JSON can encode. A handler
 that raises or runs past TOOL_TIMEOUT_SECONDS gives the model an error
 result; the call goes on. Handlers that end or hand over the call do it by
 setting `call.action`, which each mode carries out its own way.
+
+Where handlers run, and what that guarantees:
+
+- each run gets an operating-system thread of its own, also under gevent
+  (gevent's thread pool then, one per run), so a handler that computes
+  without yielding cannot freeze the worker's other calls, and no shared
+  pool exists for a hung handler to fill;
+- one call may have at most MAX_RUNNING_PER_CALL handlers running, counting
+  abandoned ones that have not returned yet: past that its tools fail at
+  once, and other calls are not affected;
+- past its timeout a handler is abandoned: the model is told it failed,
+  and what it returns or sets on `call` later is thrown away. Python cannot
+  stop a running thread, so a handler with side effects (a booking, a
+  message) calls `call.proceed()` just before making them: it raises
+  `ToolAbandoned` once the handler's time is up.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import dataclasses
 import importlib
 import json
 import logging
+import queue
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from . import calllog
 from .config import Settings
 
 log = logging.getLogger(__name__)
 
-# Tool handlers run here so a slow one can be abandoned at its timeout.
-_pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="tool")
+MAX_RUNNING_PER_CALL = 2
+_running: dict[str, int] = {}  # CallSid -> handlers of that call still running
+_running_lock = threading.Lock()
+_invocation = threading.local()  # in a handler's thread: the Event set when it is abandoned
+
+
+class ToolAbandoned(Exception):
+    """The handler ran past its timeout: the model has been told it failed."""
 
 
 @dataclass
@@ -44,6 +69,12 @@ class ToolCall:
     caller: str
     settings: Settings
     action: dict | None = None  # {"type": "transfer", "number": ...} or {"type": "hangup"}
+
+    def proceed(self) -> None:
+        """Raise ToolAbandoned if this handler's time is up; call it before a side effect."""
+        abandoned = getattr(_invocation, "abandoned", None)
+        if abandoned is not None and abandoned.is_set():
+            raise ToolAbandoned(f"tool abandoned on call {self.call_sid}")
 
 
 @dataclass
@@ -115,6 +146,15 @@ class ToolRegistry:
         `timeout` (default TOOL_TIMEOUT_SECONDS) lets a caller with a deadline,
         like a Gather turn, give a tool only the time the turn has left.
         """
+        began = time.monotonic()
+        output = self._run(name, arguments, call, timeout)
+        # Names the model made up are counted under one label: labels stay a fixed set.
+        calllog.note_tool(
+            name if name in self._tools else "unknown", time.monotonic() - began, output
+        )
+        return output
+
+    def _run(self, name: str, arguments: str, call: ToolCall, timeout: float | None) -> str:
         tool = self._tools.get(name)
         if tool is None or not tool.enabled(call.settings):
             return json.dumps({"error": f"no tool named {name}"})
@@ -124,17 +164,86 @@ class ToolRegistry:
                 raise ValueError("arguments must be a JSON object")
         except ValueError as exc:
             return json.dumps({"error": f"bad arguments: {exc}"})
-        future = _pool.submit(tool.handler, call, **kwargs)
-        try:
-            limit = call.settings.tool_timeout if timeout is None else timeout
-            result = future.result(timeout=limit)
-        except concurrent.futures.TimeoutError:
+        limit = call.settings.tool_timeout if timeout is None else timeout
+        with _running_lock:
+            if _running.get(call.call_sid, 0) >= MAX_RUNNING_PER_CALL:
+                log.warning("call %s: tool %s refused: too many still running", call.call_sid, name)
+                return json.dumps(
+                    {"error": f"{name} cannot run now: earlier tools are still running"}
+                )
+            _running[call.call_sid] = _running.get(call.call_sid, 0) + 1
+        # The handler works on a copy: what it sets after being abandoned is lost.
+        own = dataclasses.replace(call)
+        abandoned = threading.Event()
+        outcome = _run_in_os_thread(lambda: _invoke(tool.handler, own, kwargs, abandoned), limit)
+        if outcome is None:
+            abandoned.set()
             log.warning("call %s: tool %s timed out", call.call_sid, name)
             return json.dumps({"error": f"{name} took too long and was abandoned"})
-        except Exception as exc:  # the deployer's code failed: tell the model, keep the call
-            log.exception("call %s: tool %s failed", call.call_sid, name)
-            return json.dumps({"error": f"{name} failed: {exc}"})
-        return json.dumps(result, default=str)
+        ok, value = outcome
+        if not ok:  # the deployer's code failed: tell the model, keep the call
+            log.error("call %s: tool %s failed", call.call_sid, name, exc_info=value)
+            return json.dumps({"error": f"{name} failed: {value}"})
+        call.action = own.action
+        try:
+            return json.dumps(value, default=str)
+        except (TypeError, ValueError) as exc:  # e.g. a cycle: still an answer for the model
+            log.error(
+                "call %s: tool %s returned what JSON cannot encode: %s", call.call_sid, name, exc
+            )
+            return json.dumps({"error": f"{name} returned a result that cannot be sent"})
+
+
+def _invoke(handler, call: ToolCall, kwargs: dict, abandoned: threading.Event):
+    """In the handler's own thread: (True, result) or (False, the exception)."""
+    _invocation.abandoned = abandoned
+    try:
+        return True, handler(call, **kwargs)
+    except Exception as exc:
+        return False, exc
+    finally:
+        with _running_lock:
+            left = _running.get(call.call_sid, 1) - 1
+            if left:
+                _running[call.call_sid] = left
+            else:
+                _running.pop(call.call_sid, None)
+
+
+def _run_in_os_thread(fn: Callable[[], tuple], timeout: float) -> tuple | None:
+    """fn() in an operating-system thread of its own; None if it runs past `timeout`.
+
+    Under gevent's monkey-patching a `threading.Thread` is a greenlet, which
+    a handler that never yields would hold for as long as it runs; gevent's
+    thread pool gives a real thread that the waiting greenlet can time out on.
+    """
+    if _gevent_patched():
+        from gevent import Timeout
+        from gevent.threadpool import ThreadPool
+
+        pool = ThreadPool(1)
+        result = pool.spawn(fn)
+        # The pool's thread ends once the handler returns, whenever that is;
+        # run in the hub, the kill does not wait for it.
+        result.rawlink(lambda _: pool.kill())
+        try:
+            return result.get(timeout=timeout)
+        except Timeout:  # the handler is abandoned, still running
+            return None
+    answer: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=lambda: answer.put(fn()), daemon=True, name="tool").start()
+    try:
+        return answer.get(timeout=timeout)
+    except queue.Empty:
+        return None
+
+
+def _gevent_patched() -> bool:
+    try:
+        from gevent import monkey
+    except ImportError:
+        return False
+    return monkey.is_module_patched("threading")
 
 
 registry = ToolRegistry()

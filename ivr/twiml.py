@@ -2,14 +2,31 @@
 
 URLs are relative: Twilio resolves them against the URL it just requested, so
 they stay right behind any proxy or custom domain without knowing the host.
+Every document is filtered by `xmltext.make_safe` before it leaves a builder,
+and again in `render`, so no text from a caller, the model, a tool, a prompt
+file or a setting can make it malformed.
 """
 
 from __future__ import annotations
 
-from flask import Response
-from twilio.twiml.voice_response import Connect, Gather, Stream, VoiceResponse
+import functools
 
-from .config import Settings
+from flask import Response
+from twilio.twiml.voice_response import Connect, Dial, Gather, Stream, VoiceResponse
+
+from .config import SIP_URI, Settings
+from .xmltext import make_safe, xml_safe
+
+
+def _safe(builder):
+    """A builder whose document holds only text XML 1.0 allows."""
+
+    @functools.wraps(builder)
+    def wrapper(*args, **kwargs) -> VoiceResponse:
+        return make_safe(builder(*args, **kwargs))
+
+    return wrapper
+
 
 # Gather's timeout after a hold line; Twilio wants a positive whole number of seconds.
 HOLD_LISTEN_SECONDS = 1
@@ -20,9 +37,13 @@ def turn_url(turn: int | None) -> str:
 
 
 def _say(parent, text: str, settings: Settings) -> None:
-    parent.say(text, voice=settings.voice or None, language=settings.language or None)
+    # Twilio refuses an empty <Say>; text of unspeakable characters only is empty.
+    text = xml_safe(text).strip()
+    if text:
+        parent.say(text, voice=settings.voice or None, language=settings.language or None)
 
 
+@_safe
 def gather_turn(text: str, next_turn: int | None, settings: Settings) -> VoiceResponse:
     """Say `text` inside a speech Gather, so the caller can interrupt it.
 
@@ -32,8 +53,7 @@ def gather_turn(text: str, next_turn: int | None, settings: Settings) -> VoiceRe
     """
     response = VoiceResponse()
     gather = _listen(next_turn, settings, action_on_empty_result=True)
-    if text:
-        _say(gather, text, settings)
+    _say(gather, text, settings)
     response.append(gather)
     response.redirect(turn_url(next_turn), method="POST")
     return response
@@ -59,6 +79,7 @@ def wait_url(turn: int) -> str:
     return f"/turn-wait?turn={turn}"
 
 
+@_safe
 def hold(text: str, next_turn: int, waiting_turn: int, settings: Settings) -> VoiceResponse:
     """A hold line while turn `waiting_turn` is answered, then /turn-wait.
 
@@ -74,20 +95,31 @@ def hold(text: str, next_turn: int, waiting_turn: int, settings: Settings) -> Vo
     return response
 
 
+@_safe
 def transfer(text: str, number: str, settings: Settings) -> VoiceResponse:
     """Say the handover line, then put the caller through to a human."""
     response = VoiceResponse()
     _say(response, text, settings)
-    response.dial(number, caller_id=settings.transfer_caller_id or None)
+    caller_id = settings.transfer_caller_id or None
+    if SIP_URI.fullmatch(number):
+        # Twilio dials a SIP URI only as a <Sip> noun; as <Dial>'s text it is
+        # taken for a phone number and the transfer fails.
+        dial = Dial(caller_id=caller_id)
+        dial.sip(number)
+        response.append(dial)
+    else:
+        response.dial(number, caller_id=caller_id)
     return response
 
 
+@_safe
 def hangup() -> VoiceResponse:
     response = VoiceResponse()
     response.hangup()
     return response
 
 
+@_safe
 def goodbye(text: str, settings: Settings) -> VoiceResponse:
     response = VoiceResponse()
     _say(response, text, settings)
@@ -96,10 +128,11 @@ def goodbye(text: str, settings: Settings) -> VoiceResponse:
 
 
 def render(doc: VoiceResponse, status: int = 200) -> Response:
-    """The one way views return TwiML."""
-    return Response(str(doc), status=status, mimetype="text/xml")
+    """The one way views return TwiML (documents built elsewhere are filtered here too)."""
+    return Response(str(make_safe(doc)), status=status, mimetype="text/xml")
 
 
+@_safe
 def connect_stream(stream_url: str, action_url: str, parameters: dict[str, str]) -> VoiceResponse:
     """Hand the call to the media-stream relay.
 

@@ -6,11 +6,13 @@ import functools
 import logging
 import time
 
+import redis
 from flask import Blueprint, abort, jsonify, request
 
-from . import twiml
+from . import metrics, twiml
 from .calls import ENDED_STATUSES
 from .conversation import Heard, render_result
+from .logfmt import CALL_SID
 from .security import twilio_signed
 from .services import get_services
 from .streaming import FALLBACK_PATH, answer_with_stream
@@ -32,22 +34,24 @@ def twilio_webhook(view):
         sid = request.form.get("CallSid", "")
         if not sid:
             abort(400, "CallSid is required")
+        CALL_SID.set(sid)  # for LOG_FORMAT=json
         try:
             answer = view(sid, *args, **kwargs)
             if isinstance(answer, dict):
                 answer = render_result(answer, get_services().settings)
+            return twiml.render(answer)
         except Exception:
             log.exception("call %s: unexpected error in %s", sid, request.path)
-            answer = _apology()
-        return twiml.render(answer)
+            return twiml.render(_apology(sid))
 
     return wrapper
 
 
-def _apology():
-    """Sorry, and the call goes on with a new Gather."""
+def _apology(sid: str):
+    """Sorry, and the call goes on with a new Gather, numbered like any other."""
     services = get_services()
-    return twiml.gather_turn(services.prompts.line("apology"), None, services.settings)
+    result = services.conversation.apologise(sid, _turn())
+    return twiml.gather_turn(result["text"], result["next"], services.settings)
 
 
 def _confidence() -> float | None:
@@ -59,7 +63,17 @@ def _confidence() -> float | None:
 
 
 def _turn() -> int | None:
-    return request.args.get("turn", type=int)
+    """The turn number in the Gather action's query (None if absent or not a positive number)."""
+    turn = request.args.get("turn", type=int)
+    return turn if turn and turn > 0 else None
+
+
+@bp.before_app_request
+def _run_report_sender():
+    """Make sure this process sends queued reports (a forked worker starts its own)."""
+    reports = get_services().conversation.reports
+    if reports is not None:
+        reports.start()
 
 
 @bp.post("/voice")
@@ -75,8 +89,16 @@ def voice(sid: str):
 @bp.post(FALLBACK_PATH)
 @twilio_webhook
 def stream_ended(sid: str):
-    """<Connect action>: the stream closed under a live call; go on in Gather mode."""
-    return get_services().conversation.resume_after_stream(sid)
+    """<Connect action>: the stream closed under a live call.
+
+    Where call control closed it (a transfer, a hang-up), the stored exit;
+    otherwise the call goes on in Gather mode.
+    """
+    services = get_services()
+    exit_doc = services.call_control.stream_exit(sid)
+    if exit_doc is not None:
+        return exit_doc
+    return services.conversation.resume_after_stream(sid)
 
 
 @bp.post("/process-speech")
@@ -90,7 +112,9 @@ def process_speech(sid: str):
         digits=form.get("Digits", "").strip(),
         caller=form.get("From", ""),
     )
-    return get_services().conversation.take_turn(sid, _turn(), heard, started)
+    result = get_services().conversation.take_turn(sid, _turn(), heard, started)
+    metrics.count_turn(result, time.monotonic() - started)
+    return result
 
 
 @bp.post("/turn-wait")
@@ -104,7 +128,7 @@ def turn_wait(sid: str):
 @twilio_webhook
 def voice_fallback(sid: str):
     """The number's fallback URL: Twilio calls it when a webhook failed or timed out."""
-    return _apology()
+    return _apology(sid)
 
 
 @bp.post("/call-status")
@@ -115,7 +139,12 @@ def call_status():
         abort(400, "CallSid is required")
     status = request.form.get("CallStatus", "")
     if status in ENDED_STATUSES:
-        get_services().conversation.finish(sid, status)
+        try:
+            get_services().conversation.finish(sid, status)
+        except redis.RedisError as exc:
+            # Not recorded, so not reported either: a 5xx makes Twilio send it again.
+            log.error("call %s: end of call not recorded: %s", sid, exc)
+            return "", 503
     return "", 204
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import redis as redis_lib
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from ivr import create_app
 from ivr.config import ENV_NAMES
@@ -16,6 +18,18 @@ from ivr.config import ENV_NAMES
 from .fakes.openai_server import FakeOpenAI
 from .fakes.redis_server import start_redis
 from .twilio_sim import ACCOUNT_SID, AUTH_TOKEN, TwilioCall
+
+# Property tests: few examples each (the whole property suite stays well under
+# half a minute); in CI the same examples every run, so a failure is reproducible.
+hypothesis_settings.register_profile(
+    "dev",
+    deadline=None,  # each example is a real HTTP round trip through the app
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+hypothesis_settings.register_profile(
+    "ci", hypothesis_settings.get_profile("dev"), derandomize=True, database=None
+)
+hypothesis_settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 PROJECT_PROMPTS = Path(__file__).resolve().parent.parent / "prompts"
 

@@ -67,15 +67,19 @@ def test_a_repeated_start_does_not_reset_the_call(store):
 
 
 def test_begin_turn_claims_once_and_end_turn_stores_the_answer(store):
-    assert store.begin_turn("CA1", 3, 10) == (None, True)
-    assert store.begin_turn("CA1", 3, 10) == (None, False)
+    assert store.begin_turn("CA1", 3, "worker-a", 10_000) == (None, True)
+    assert store.begin_turn("CA1", 3, "worker-a", 10_000) == (None, False)
     store.end_turn(
         "CA1",
         3,
         {"kind": "answer", "text": "hi", "next": 4},
         [{"role": "assistant", "content": "hi"}],
     )
-    assert store.begin_turn("CA1", 3, 10)[0] == {"kind": "answer", "text": "hi", "next": 4}
+    assert store.begin_turn("CA1", 3, "worker-a", 10_000)[0] == {
+        "kind": "answer",
+        "text": "hi",
+        "next": 4,
+    }
     assert store.history("CA1") == [{"role": "assistant", "content": "hi"}]
 
 
@@ -189,3 +193,35 @@ def test_a_tool_exchange_is_kept_whole(store):
         ],
     )
     assert [m["role"] for m in store.history("CA1")] == ["assistant", "tool", "assistant"]
+
+
+def test_a_write_after_the_call_ended_keeps_the_retention(store, redis):
+    store.start("CA1")
+    store.record_agent("CA1", "Hello!")
+    store.end_turn("CA1", 1, {"kind": "answer", "text": "hi", "next": 2})
+    store.finish("CA1", "completed")
+    # A turn or a tool still running when the caller hung up writes afterwards.
+    store.end_turn(
+        "CA1",
+        4,
+        {"kind": "answer", "text": "late", "next": 5},
+        [{"role": "assistant", "content": "late"}],
+    )
+    store.count_reprompt("CA1")
+    for key in ("meta", "transcript", "results"):
+        assert 3590 <= redis.ttl(f"ivr:{{CA1}}:{key}") <= 3600
+
+
+def test_a_repeated_status_callback_keeps_the_first_end(store):
+    store.start("CA1")
+    assert store.finish("CA1", "completed") is True
+    first = store.meta("CA1")
+    time.sleep(0.01)
+    assert store.finish("CA1", "failed") is False
+    assert store.meta("CA1")["ended"] == first["ended"]
+    assert store.meta("CA1")["status"] == "completed"
+
+
+def test_the_end_reason_never_leaves_a_key_without_expiry(store, redis):
+    store.set_end_reason("CA9", "transferred")  # the call's first write
+    assert 590 <= redis.ttl("ivr:{CA9}:meta") <= 600

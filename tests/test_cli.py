@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 from urllib.parse import parse_qs
 
 import pytest
+import requests
 import responses
 
 from ivr.cli import main
@@ -113,6 +118,7 @@ def fake_app(body: bytes, status: int = 200, delay: float = 0.0):
         (b"<Reply/>", 200, 0.1, "not <Response>"),
         (b"<Response><Speak>hi</Speak></Response>", 200, 0.1, "unknown verb"),
         (b"<Response><Gather><Dial>1</Dial></Gather></Response>", 200, 0.1, "may not contain"),
+        (b"<Response><Dial>sip:agent@pbx.example.com</Dial></Response>", 200, 0.1, "<Sip>"),
         (b"oops", 500, 0.1, "HTTP 500"),
         (b"<Response/>", 200, 16.0, "Twilio gives up at 15 s"),
     ],
@@ -312,3 +318,159 @@ def test_check_opens_a_realtime_connection_in_streaming_mode(
         code, out, _ = run(monkeypatch, capsys, ["check"])
     assert re.search(rf"^{verdict}\s+realtime model", out, re.M), out
     assert code == (0 if mode == "ok" else 1)
+
+
+# -- expected failures: one line, never a traceback ---------------------------------------
+
+
+def no_traceback(*outputs: str) -> bool:
+    return all("Traceback" not in output for output in outputs)
+
+
+def test_version_comes_from_the_installed_package(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"ivr {version('twilio-llm-ivr')}"
+
+
+def test_every_command_and_argument_is_described():
+    from ivr.cli import build_parser
+
+    parser = build_parser()
+    assert parser.description and "exit codes" in parser.epilog
+    (commands,) = [a for a in parser._actions if a.dest == "command"]
+    assert set(commands.choices) == {"call", "check", "configure-number", "transcript", "test"}
+    helps = {action.dest: action.help for action in commands._choices_actions}
+    for name, command in commands.choices.items():
+        assert helps[name] and command.description, name
+        assert "130" in command.epilog, name
+        for action in command._actions:
+            assert action.help, f"{name} {action.dest}"
+
+
+def test_check_shows_every_check_when_twilios_api_is_unreachable(
+    env, monkeypatch, capsys, fake_openai
+):
+    monkeypatch.setenv("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
+    with responses.RequestsMock() as mock:
+        mock.add(
+            responses.GET, ACCOUNT, body=requests.exceptions.ConnectionError("Connection refused")
+        )
+        code, out, err = run(monkeypatch, capsys, ["check"])
+    assert code == 1
+    lines = [line.split(":")[0].split() for line in out.splitlines()[:5]]
+    assert lines == [
+        ["ok", "configuration"],
+        ["ok", "prompts"],
+        ["ok", "redis"],
+        ["ok", "language", "model"],
+        ["FAILED", "twilio"],
+    ]
+    assert "Cannot reach Twilio's API" in out and "check this machine's network" in out
+    assert no_traceback(out, err)
+
+
+@pytest.mark.parametrize(
+    "answer, says",
+    [
+        (
+            {"body": requests.exceptions.ConnectionError("Connection refused")},
+            "cannot reach Twilio's API",
+        ),
+        (
+            {"status": 401, "json": {"code": 20003, "message": "Authenticate", "status": 401}},
+            "Twilio refused the change",
+        ),
+    ],
+)
+def test_configure_number_reports_twilio_failures_in_one_line(monkeypatch, capsys, answer, says):
+    monkeypatch.setenv("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
+    monkeypatch.setenv("TWILIO_AUTH_TOKEN", "token")
+    with responses.RequestsMock() as mock:
+        mock.add(responses.GET, NUMBERS + ".json", **answer)
+        code, out, err = run(
+            monkeypatch,
+            capsys,
+            ["configure-number", "--number", "+15551234567", "--base-url", "https://a.example"],
+        )
+    assert code == 1
+    (line,) = err.splitlines()
+    assert line.startswith(f"ivr: {says}") and "; check" in line
+    assert out == ""
+
+
+def test_transcript_reports_redis_down_in_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    code, out, err = run(monkeypatch, capsys, ["transcript", "CA" + "0" * 32])
+    assert code == 1
+    (line,) = err.splitlines()
+    assert line.startswith("ivr: cannot read from Redis") and "check REDIS_URL" in line
+    assert no_traceback(out, err)
+
+
+def test_call_says_at_once_that_the_model_cannot_be_reached(env, monkeypatch, capsys):
+    base_url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    monkeypatch.setenv("OPENAI_BASE_URL", base_url)
+    code, out, err = run(monkeypatch, capsys, ["call"], "hello\n")
+    assert code == 1
+    assert "agent:" not in out  # no call was placed to sit through 8 s of retries per turn
+    (line,) = err.splitlines()
+    assert line.startswith(f"ivr: the language model cannot be reached at {base_url}")
+    assert line.endswith("check OPENAI_BASE_URL and the network, then retry.")
+
+
+def test_call_places_the_call_when_the_model_server_answers(env, monkeypatch, capsys, fake_openai):
+    """A server without a model list (the fake answers 404) is still a server that answers."""
+    code, out, _ = run(monkeypatch, capsys, ["call"], "")
+    assert code == 0 and "agent:" in out
+
+
+def cli(env: dict, *args: str, **popen) -> subprocess.Popen:
+    """`python -m ivr.cli ARGS` in a child process, as a person would run `ivr ARGS`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "ivr.cli", *args],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
+def test_a_failing_command_in_a_real_process_prints_one_line(tmp_path):
+    proc = cli({"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}, "transcript", "CA1")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert len(err.splitlines()) == 1 and err.startswith("ivr: cannot read from Redis")
+    assert no_traceback(out, err)
+
+
+def test_ctrl_c_ends_a_call_quietly(env):
+    proc = cli(env, "call", stdin=subprocess.PIPE)
+    try:
+        # The greeting is said, then the simulator waits for the caller's words.
+        for line in proc.stdout:
+            if line.startswith("agent:"):
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert no_traceback(out, err)
+    assert "KeyboardInterrupt" not in err
+
+
+def test_call_says_each_configuration_problem_once(env, monkeypatch, capsys):
+    monkeypatch.setenv("MAX_TURNS", "0")
+    monkeypatch.setenv("CALL_TTL_SECONDS", "5")
+    code, out, err = run(monkeypatch, capsys, ["call"], "hello\n")
+    assert code == 2
+    assert err.splitlines() == [
+        "ivr: CALL_TTL_SECONDS must be at least 60, not 5.",
+        "ivr: MAX_TURNS must be at least 1, not 0.",
+    ]
+    assert "MAX_TURNS" not in out

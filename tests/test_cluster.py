@@ -8,13 +8,13 @@ here is selected.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
 import pytest
 import responses
 from redis.cluster import RedisCluster
+from standardwebhooks import Webhook
 
 from ivr import create_app
 from ivr.checks import run_checks
@@ -22,6 +22,7 @@ from ivr.cli import main as ivr_main
 
 from .conftest import LiveServer
 from .fakes.redis_cluster import start_cluster
+from .fakes.webhook_receiver import SECRET
 from .test_streaming import open_stream
 from .test_streaming import (
     test_fallback_continues_in_gather_mode_with_the_whole_history as stream_falls_back,
@@ -113,7 +114,7 @@ def test_transcript_and_report_of_an_ended_call(
     config = {
         **cluster_config,
         "END_OF_CALL_WEBHOOK_URL": HOOK,
-        "END_OF_CALL_WEBHOOK_SECRET": "report-secret",
+        "END_OF_CALL_WEBHOOK_SECRET": SECRET,
         "END_OF_CALL_RETRY_SECONDS": "0.01",
     }
     with responses.RequestsMock(assert_all_requests_are_fired=False) as receiver:
@@ -124,7 +125,7 @@ def test_transcript_and_report_of_an_ended_call(
         assert call.hang_up().status_code == 204
         assert wait_for(lambda: [c for c in receiver.calls if c.request.url == HOOK])
         (post,) = [c for c in receiver.calls if c.request.url == HOOK]
-    report = json.loads(post.request.body)
+    report = Webhook(SECRET).verify(post.request.body, dict(post.request.headers))
     assert report["status"] == "completed"
     assert [e["content"] for e in report["transcript"] if e["role"] == "user"] == [
         "I need opening hours."

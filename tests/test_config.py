@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from ivr import create_app
-from ivr.config import ConfigError, load_settings
+from ivr.config import ENV_NAMES, ConfigError, Settings, load_settings
+
+from .twilio_sim import TwilioCall
 
 BASE = {"TWILIO_AUTH_TOKEN": "t", "OPENAI_API_KEY": "k"}
 
@@ -49,7 +51,7 @@ def test_a_missing_openai_key_is_reported():
 @pytest.mark.parametrize(
     "env, start",
     [
-        ({"CONFIDENCE_THRESHOLD": "1.5"}, "CONFIDENCE_THRESHOLD must be between 0.0 and 1.0"),
+        ({"CONFIDENCE_THRESHOLD": "1.5"}, "CONFIDENCE_THRESHOLD must be between 0 and 1"),
         ({"CONFIDENCE_THRESHOLD": "high"}, "CONFIDENCE_THRESHOLD must be a number"),
         ({"LLM_DEADLINE_SECONDS": "15"}, "LLM_DEADLINE_SECONDS must be above 0 and at most 12"),
         ({"REPROMPT_LIMIT": "0"}, "REPROMPT_LIMIT must be at least 1"),
@@ -122,6 +124,125 @@ def test_env_example_is_a_valid_configuration_once_the_secrets_are_filled_in(tmp
     environ.update(TWILIO_AUTH_TOKEN="t", OPENAI_API_KEY="k", PROMPTS_DIR=str(root / "prompts"))
     settings = load_settings(environ=environ)
     assert settings.max_turns == 50
+
+
+# -- blank means default; security switches fail closed ------------------------------------
+
+YES, NO = ["1", "yes", "on", "true", "TRUE", " Yes "], ["0", "no", "off", "false", "FALSE"]
+
+
+@pytest.mark.parametrize("name", [n for n in ENV_NAMES if n not in BASE])
+def test_a_blank_setting_means_its_default(name):
+    """A `.env` copied from the example leaves many lines blank: none may fail or change."""
+    defaults = load_settings(environ={}, overrides=BASE)
+    for blank in ("", "  "):
+        assert load_settings(environ={name: blank}, overrides=BASE) == defaults
+
+
+@pytest.mark.parametrize("name", ["VALIDATE_TWILIO_SIGNATURE", "STREAMING_ENABLED"])
+@pytest.mark.parametrize("raw, expected", [(v, True) for v in YES] + [(v, False) for v in NO])
+def test_every_yes_and_no_spelling(name, raw, expected):
+    settings = load_settings(environ={}, overrides={**BASE, "TWILIO_ACCOUNT_SID": "AC1", name: raw})
+    assert getattr(settings, name.lower()) is expected
+
+
+def test_blank_keeps_signature_checking_on_and_streaming_off():
+    settings = load_settings(
+        environ={}, overrides={**BASE, "VALIDATE_TWILIO_SIGNATURE": "", "STREAMING_ENABLED": ""}
+    )
+    assert settings.validate_twilio_signature is True
+    assert settings.streaming_enabled is False
+
+
+@pytest.mark.parametrize("name", ["VALIDATE_TWILIO_SIGNATURE", "STREAMING_ENABLED"])
+@pytest.mark.parametrize("raw", ["maybe", "ture", "2", "disabled"])
+def test_a_misspelt_switch_is_refused_not_guessed(name, raw):
+    assert problems(**{name: raw}) == [f"{name} must be true or false, not {raw!r}."]
+
+
+def test_a_security_switch_defaults_to_its_safe_value():
+    assert Settings().validate_twilio_signature is True
+
+
+def test_an_unsigned_call_is_refused_when_the_switch_is_blank(config):
+    app = create_app({**config, "VALIDATE_TWILIO_SIGNATURE": ""})
+    response = app.test_client().post("/voice", data={"CallSid": "CA1", "From": "+15550100000"})
+    assert response.status_code == 403
+    signed = TwilioCall(app.test_client())  # and Twilio's own requests still pass
+    assert signed.start().find("Gather") is not None
+
+
+# -- numbers out of range: the variable and its range, once -----------------------------
+
+
+@pytest.mark.parametrize(
+    "name, raw, sentence",
+    [
+        ("CALL_TTL_SECONDS", "10", "CALL_TTL_SECONDS must be at least 60, not 10."),
+        (
+            "TRANSCRIPT_RETENTION_SECONDS",
+            "0",
+            "TRANSCRIPT_RETENTION_SECONDS must be at least 60, not 0.",
+        ),
+        ("LLM_ATTEMPT_TIMEOUT_SECONDS", "0", "LLM_ATTEMPT_TIMEOUT_SECONDS must be above 0, not 0."),
+        ("LLM_MAX_TOKENS", "0", "LLM_MAX_TOKENS must be at least 1, not 0."),
+        ("MAX_TURNS", "-3", "MAX_TURNS must be at least 1, not -3."),
+        ("MAX_CALL_SECONDS", "0", "MAX_CALL_SECONDS must be at least 1, not 0."),
+        ("STREAM_BREAKER_THRESHOLD", "0", "STREAM_BREAKER_THRESHOLD must be at least 1, not 0."),
+        ("STREAM_PING_SECONDS", "-1", "STREAM_PING_SECONDS must be at least 0, not -1."),
+        ("STREAM_IDLE_SECONDS", "0", "STREAM_IDLE_SECONDS must be above 0, not 0."),
+        ("CONFIDENCE_THRESHOLD", "-0.1", "CONFIDENCE_THRESHOLD must be between 0 and 1, not -0.1."),
+        (
+            "STREAM_CONNECT_TIMEOUT_SECONDS",
+            "30",
+            "STREAM_CONNECT_TIMEOUT_SECONDS must be above 0 and at most 10 (the caller waits "
+            "in silence meanwhile), not 30.",
+        ),
+        ("MAX_TURNS", "many", "MAX_TURNS must be a whole number, not 'many'."),
+    ],
+)
+def test_a_number_out_of_range_names_the_variable_and_the_range(name, raw, sentence):
+    assert problems(**{name: raw}) == [sentence]
+
+
+def test_each_problem_is_reported_once():
+    found = problems(CALL_TTL_SECONDS="1", MAX_TURNS="0", TRANSFER_NUMBER="5557654321")
+    assert len(found) == 3
+    assert [p.split()[0] for p in found] == ["CALL_TTL_SECONDS", "MAX_TURNS", "TRANSFER_NUMBER"]
+
+
+# -- transfer targets ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["TRANSFER_NUMBER", "TRANSFER_CALLER_ID"])
+@pytest.mark.parametrize(
+    "value", ["+15557654321", "+442071838750", "sip:agent@example.com", "sips:desk@pbx.example"]
+)
+def test_e164_numbers_and_sip_uris_are_dial_targets(name, value):
+    assert (
+        getattr(load_settings(environ={}, overrides={**BASE, name: value}), name.lower()) == value
+    )
+
+
+@pytest.mark.parametrize("name", ["TRANSFER_NUMBER", "TRANSFER_CALLER_ID"])
+@pytest.mark.parametrize(
+    "value", ["5557654321", "+1 555 765 4321", "+05557654321", "+1555", "+1234567890123456", "sip:"]
+)
+def test_other_transfer_targets_are_refused_with_the_rule(name, value):
+    assert problems(**{name: value}) == [
+        f"{name} must be a phone number in E.164 form such as +15551234567 (+, country code, "
+        f"number, no spaces) or a SIP URI such as sip:agent@example.com, not {value!r}."
+    ]
+
+
+def test_a_dtmf_key_is_turned_off_with_none_and_blank_means_its_default():
+    settings = load_settings(
+        environ={}, overrides={**BASE, "DTMF_TRANSFER_KEY": "none", "DTMF_REPEAT_KEY": ""}
+    )
+    assert (settings.dtmf_transfer_key, settings.dtmf_repeat_key) == ("none", "*")
+    assert problems(DTMF_REPEAT_KEY="**") == [
+        "DTMF_REPEAT_KEY must be one key (0-9, * or #) or none, not '**'."
+    ]
 
 
 def _example_values() -> dict[str, str]:

@@ -121,3 +121,53 @@ def test_prompt_edits_take_effect_on_the_next_call(client, prompts_dir):
     (prompts_dir / "greeting.txt").write_text("Welcome to Ada's Bakery!\n")
     second = TwilioCall(client)
     assert spoken(second.start()) == ["Welcome to Ada's Bakery!"]
+
+
+def test_a_repeated_delivery_after_an_apology_asks_the_llm_once(call, fake_openai, prompts_dir):
+    call.start()
+    system = prompts_dir / "system.txt"
+    saved = system.read_text()
+    system.unlink()  # the owner deleted a file mid-call: this turn fails
+    apology = call.say("first try")
+    assert spoken(apology) == [(prompts_dir / "apology.txt").read_text().strip()]
+    assert call.gather.get("action") == "/process-speech?turn=2"
+    system.write_text(saved)
+    action = call.gather.get("action")
+    params = call.params(SpeechResult="Book a table for two.", Confidence="0.9")
+    first = parse(signed_post(call.client, action, params))
+    again = parse(signed_post(call.client, action, params))  # Twilio delivers it twice
+    assert spoken(first) == spoken(again) == ["You said: Book a table for two."]
+    asked = [r["messages"][-1]["content"] for r in fake_openai.chat_requests]
+    assert asked == ["Book a table for two."]
+    transcript = call.client.application.extensions["ivr"].store.transcript(call.sid)
+    said = [e["content"] for e in transcript if e["role"] == "user"]
+    assert said.count("Book a table for two.") == 1
+
+
+def test_every_fallback_gather_is_numbered(call, fake_openai):
+    call.start()
+    root = call.post("/voice-fallback", ErrorCode="11200")
+    first = call.gather.get("action")
+    assert first.startswith("/process-speech?turn=")
+    call.say("hello")
+    assert call.gather.get("action") == f"/process-speech?turn={int(first.split('=')[1]) + 1}"
+    assert spoken(root)
+
+
+def test_a_turn_whose_first_delivery_failed_is_answered_again_at_once(
+    call, fake_openai, prompts_dir
+):
+    call.start()
+    action = call.gather.get("action")
+    params = call.params(SpeechResult="Are you open today?", Confidence="0.9")
+    system = prompts_dir / "system.txt"
+    saved = system.read_text()
+    system.unlink()  # fails after the turn was claimed
+    assert spoken(parse(signed_post(call.client, action, params))) == [
+        (prompts_dir / "apology.txt").read_text().strip()
+    ]
+    system.write_text(saved)
+    # The redelivery is answered by the LLM, not with the error line after the deadline.
+    assert spoken(parse(signed_post(call.client, action, params))) == [
+        "You said: Are you open today?"
+    ]

@@ -52,3 +52,10 @@ def test_missing_prompt_files_fall_back_to_built_in_lines(call, prompts_dir):
     (prompts_dir / "reprompt.txt").unlink()
     (line,) = spoken(call.silence())
     assert line  # something is said even with the file gone
+
+
+def test_a_status_callback_that_cannot_be_recorded_asks_twilio_to_retry(config):
+    app = create_app({**config, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    call = TwilioCall(app.test_client())
+    call.start()
+    assert call.hang_up().status_code == 503

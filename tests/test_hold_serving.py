@@ -32,7 +32,7 @@ def servers(config, tmp_path):
     with ThreadPoolExecutor(2) as pool:
         procs = list(
             pool.map(
-                lambda port: start_gunicorn(env, port, tmp_path / f"{port}.log", boot_seconds=90),
+                lambda port: start_gunicorn(env, port, tmp_path / f"{port}.log"),
                 ports,
             )
         )

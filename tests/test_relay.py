@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import queue
 import threading
+import time
 
 import pytest
 
-from ivr.relay import Relay, RelayConfig, _field, _payload, _Playback
+from ivr.playback import Playback
+from ivr.relay import Relay, RelayConfig, _field, _payload
 
 from .waiting import wait_for
 
@@ -133,7 +135,7 @@ def test_speech_while_the_agent_is_silent_changes_nothing(rig):
     assert wait_for(lambda: rig.relay._reader is not None)
     rig.model.push({"type": "input_audio_buffer.speech_started", "item_id": "u1"})
     rig.model.push({"type": "response.created", "response": {"id": "r1"}})
-    assert wait_for(lambda: rig.relay._response_active)
+    assert wait_for(lambda: rig.relay._response == "active")
     assert "twilio:clear" not in rig.recorder.kinds()
 
 
@@ -212,19 +214,67 @@ def test_a_lost_model_closes_twilio_and_reports_the_failure(rig):
     rig.thread.join(timeout=5)
     assert rig.twilio.closed.is_set()
     assert rig.relay.outcome == "model-lost"
-    assert len(rig.failures) == 1
+    assert wait_for(lambda: len(rig.failures) == 1)
 
 
 def test_heard_audio_is_interpolated_between_marks_and_capped():
-    playback = _Playback(item_id="i1", started_at=10.0)
-    playback.sent_bytes = 8000  # 1 s of audio sent
-    playback.pending.extend([("m2", 4000, "i1"), ("m3", 8000, "i1")])
-    playback.acked_bytes, playback.acked_at = 1600, 10.2  # 200 ms acknowledged
-    assert playback.heard_ms(10.25) == 250  # 50 ms of real time since that mark
-    assert playback.heard_ms(11.0) == 500  # never past the next unacknowledged mark
-    fresh = _Playback(item_id="i2", started_at=5.0, sent_bytes=800)
-    fresh.pending.append(("m9", 800, "i2"))
-    assert fresh.heard_ms(5.04) == 40  # no mark back yet: time since the first audio
+    playback = Playback()
+    first = playback.sent("i1", 4000, now=10.0)
+    playback.sent("i1", 4000, now=10.0)  # 1 s of audio sent
+    playback.acked(first, now=10.5)  # 500 ms acknowledged
+    assert playback.heard_ms("i1", 10.55) == 550  # 50 ms of real time since that mark
+    assert playback.heard_ms("i1", 12.0) == 1000  # never past the next unacknowledged mark
+    fresh = Playback()
+    fresh.sent("i2", 800, now=5.0)
+    assert fresh.heard_ms("i2", 5.04) == 40  # no mark back yet: time since the first audio
+
+
+def test_an_item_queued_behind_another_starts_when_the_first_has_played():
+    playback = Playback()
+    playback.sent("i1", 800, now=0.0)
+    end_of_first = playback.sent("i1", 800, now=0.0)
+    playback.sent("i2", 800, now=0.05)
+    assert playback.heard_ms("i2", 0.1) == 0  # still behind i1
+    assert not playback.acked(end_of_first, now=0.2)
+    assert 49 <= playback.heard_ms("i2", 0.25) <= 50
+    ((cut, heard),) = playback.interrupt(now=0.25)
+    assert cut == "i2" and 49 <= heard <= 50
+    assert not playback.speaking
+
+
+def test_late_repeated_and_unknown_marks_are_not_news():
+    playback = Playback()
+    m1 = playback.sent("i1", 800, now=0.0)
+    m2 = playback.sent("i2", 800, now=0.0)
+    assert not playback.acked("m999", now=0.1)
+    assert playback.speaking
+    assert not playback.acked(m1, now=0.1)
+    assert not playback.acked(m1, now=0.2)  # repeated
+    assert playback.speaking
+    assert playback.acked(m2, now=0.3)
+    assert not playback.speaking
+
+
+def test_barge_in_still_works_when_a_new_item_starts_while_the_last_plays(rig):
+    """A late mark of the first item must not hide the second item's audio."""
+    assert wait_for(lambda: rig.relay._reader is not None)
+    rig.model.push({"type": "response.created", "response": {"id": "r1"}})
+    rig.model.push({"type": "response.output_audio.delta", "item_id": "i1", "delta": "//79"})
+    rig.model.push({"type": "response.done", "response": {"id": "r1"}})
+    rig.model.push({"type": "response.created", "response": {"id": "r2"}})
+    rig.model.push({"type": "response.output_audio.delta", "item_id": "i2", "delta": "//79" * 50})
+    rig.model.push({"type": "response.done", "response": {"id": "r2"}})
+    assert wait_for(lambda: rig.recorder.kinds().count("twilio:mark") == 2)
+    time.sleep(0.1)  # the model's loop handles response.done
+    first_mark = next(m for _, m in rig.recorder.log if m.get("event") == "mark")
+    rig.twilio.push({"event": "mark", "streamSid": STREAM, "mark": first_mark["mark"]})
+    assert wait_for(rig.twilio.inbox.empty)
+    time.sleep(0.1)  # the caller's loop handles the mark
+    rig.model.push({"type": "input_audio_buffer.speech_started", "item_id": "u1"})
+    assert wait_for(lambda: "model:conversation.item.truncate" in rig.recorder.kinds())
+    assert "twilio:clear" in rig.recorder.kinds()
+    truncates = [m for _, m in rig.recorder.log if m.get("type") == "conversation.item.truncate"]
+    assert [t["item_id"] for t in truncates] == ["i2"]
 
 
 def test_a_stream_without_start_is_closed_and_the_model_with_it():
@@ -260,3 +310,43 @@ def test_a_model_socket_that_fails_on_send_is_a_lost_model(rig):
     assert rig.relay.outcome == "model-lost"
     assert rig.twilio.closed.is_set()
     assert len(rig.failures) == 1
+
+
+def _creates(rig) -> list[dict]:
+    return [m for side, m in rig.recorder.log if m.get("type") == "response.create"]
+
+
+def test_a_response_asked_for_during_another_waits_for_it(rig):
+    assert wait_for(lambda: rig.relay._reader is not None)
+    rig.model.push({"type": "response.created", "response": {"id": "r1"}})
+    assert wait_for(lambda: rig.relay.is_speaking())
+    rig.relay.say("Hello again.")
+    time.sleep(0.1)
+    assert _creates(rig) == []  # the service would refuse it now
+    rig.model.push({"type": "response.done", "response": {"id": "r1"}})
+    assert wait_for(lambda: _creates(rig))
+    assert "Hello again." in _creates(rig)[0]["response"]["instructions"]
+
+
+def test_a_refused_response_is_asked_for_again_and_the_call_goes_on(rig):
+    assert wait_for(lambda: rig.relay._reader is not None)
+    rig.relay.say("Hello again.")
+    assert wait_for(lambda: _creates(rig))
+    refused = _creates(rig)[0]
+    # The service's own turn detection started a response first.
+    rig.model.push({"type": "response.created", "response": {"id": "r_vad"}})
+    rig.model.push(
+        {
+            "type": "error",
+            "error": {
+                "type": "invalid_request_error",
+                "code": "conversation_already_has_active_response",
+                "message": "Conversation already has an active response in progress: r_vad.",
+                "event_id": refused["event_id"],
+            },
+        }
+    )
+    rig.model.push({"type": "response.done", "response": {"id": "r_vad"}})
+    assert wait_for(lambda: len(_creates(rig)) == 2)
+    assert _creates(rig)[1]["response"] == refused["response"]
+    assert rig.relay.outcome == "running" and not rig.twilio.closed.is_set()

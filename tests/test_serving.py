@@ -24,16 +24,16 @@ ROOT = Path(__file__).resolve().parent.parent
 TLS = Path(__file__).resolve().parent / "fakes" / "tls"  # a self-signed certificate for 127.0.0.1
 
 
-def start_gunicorn(env: dict, port: int, log: Path, boot_seconds: float = 30) -> subprocess.Popen:
+def start_gunicorn(env: dict, port: int, log: Path, workers: int = 1) -> subprocess.Popen:
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "app:app", "--workers", "1"],
+            [sys.executable, "-m", "gunicorn", "app:app", "--workers", str(workers)],
             cwd=ROOT,
             env={**env, "PORT": str(port)},
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    deadline = time.monotonic() + boot_seconds
+    deadline = time.monotonic() + 90  # importing openai takes long on a busy machine
     while time.monotonic() < deadline:
         try:
             if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok:

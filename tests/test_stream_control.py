@@ -15,7 +15,7 @@ from ivr import create_app
 
 from .conftest import LiveServer
 from .test_streaming import open_stream
-from .twilio_sim import ACCOUNT_SID, new_sid
+from .twilio_sim import ACCOUNT_SID, TwilioCall, new_sid
 from .waiting import wait_for
 
 CALLS_URL = re.compile(
@@ -69,6 +69,12 @@ def updates(twilio_api) -> list[tuple[str, ET.Element, float]]:
     return found
 
 
+def exit_after_close(live, media, timeout: float = 8) -> ET.Element:
+    """The stream closes under the call; what Twilio's <Connect action> request gets back."""
+    assert media.wait_closed(timeout), "the app did not close the stream"
+    return TwilioCall(live.app.test_client(), sid=media.call_sid).post("/stream-ended")
+
+
 @pytest.fixture
 def serve(stream_config):
     servers = []
@@ -94,7 +100,7 @@ def test_the_realtime_session_is_offered_the_tools(serve, fake_openai):
     assert session["tool_choice"] == "auto"
 
 
-def test_transfer_call_updates_the_live_call_with_a_dial(
+def test_transfer_call_closes_the_stream_and_the_action_dials(
     serve, fake_openai, twilio_api, redis, prompts_dir
 ):
     live = serve(TRANSFER_NUMBER="+15557654321", TRANSFER_CALLER_ID="+15550009999")
@@ -103,10 +109,8 @@ def test_transfer_call_updates_the_live_call_with_a_dial(
     sid = new_sid()
     media = open_stream(live, sid=sid)
     media.talk([("silence", 500), ("speech", 400), ("silence", 500)])
-    assert wait_for(lambda: updates(twilio_api))
-    media.hang_up()
-    ((updated_sid, twiml, _),) = updates(twilio_api)
-    assert updated_sid == sid
+    twiml = exit_after_close(live, media)
+    media.close()
     assert [child.tag for child in twiml] == ["Say", "Dial"]
     assert twiml.find("Say").text == (prompts_dir / "transfer.txt").read_text().strip()
     assert twiml.find("Dial").text == "+15557654321"
@@ -118,6 +122,7 @@ def test_transfer_call_updates_the_live_call_with_a_dial(
     ]
     assert json.loads(outputs[0]["item"]["output"]) == {"status": "transferring"}
     assert redis.hget(f"ivr:{{{sid}}}:meta", "end_reason") == b"transferred"
+    assert updates(twilio_api) == []  # no REST call needed
 
 
 def test_end_call_hangs_up_after_the_goodbye_has_played(
@@ -129,10 +134,8 @@ def test_end_call_hangs_up_after_the_goodbye_has_played(
     sid = new_sid()
     media = open_stream(live, sid=sid)
     media.talk([("silence", 500), ("speech", 400), ("silence", 300)])
-    assert wait_for(lambda: updates(twilio_api), timeout=8)
-    time.sleep(0.3)  # anything still queued at the caller would play (and echo) now
-    media.hang_up()
-    ((_, twiml, updated_at),) = updates(twilio_api)
+    twiml = exit_after_close(live, media)
+    media.close()
     assert [child.tag for child in twiml] == ["Hangup"]
     farewell = (prompts_dir / "farewell.txt").read_text().strip()
     says = [
@@ -142,9 +145,9 @@ def test_end_call_hangs_up_after_the_goodbye_has_played(
     ]
     assert any(farewell in s for s in says)
     # The goodbye was spoken by the model and had fully played before the
-    # hang-up: every mark came back, and none after the update.
+    # stream closed: every mark came back, and none after.
     assert len(media.marks_echoed) == len(media.events("mark")) > 0
-    assert max(media.echo_times) <= updated_at
+    assert max(media.echo_times) <= media.closed_at
 
 
 def test_a_tool_that_raises_in_streaming_gives_an_error_output(serve, fake_openai, twilio_api):
@@ -177,9 +180,9 @@ def test_key_zero_transfers_a_streaming_call(serve, fake_openai, twilio_api):
     assert wait_for(lambda: fake_openai.events("session.update"))
     time.sleep(0.2)
     media.press("0")
-    assert wait_for(lambda: updates(twilio_api))
-    media.hang_up()
-    assert updates(twilio_api)[0][1].find("Dial").text == "+15557654321"
+    twiml = exit_after_close(live, media)
+    media.close()
+    assert twiml.find("Dial").text == "+15557654321"
 
 
 def test_key_star_repeats_the_last_answer(serve, fake_openai, twilio_api):
@@ -205,9 +208,8 @@ def test_key_star_repeats_the_last_answer(serve, fake_openai, twilio_api):
 def test_the_time_limit_ends_a_streaming_call(serve, fake_openai, twilio_api, prompts_dir):
     live = serve(MAX_CALL_SECONDS="1")
     media = open_stream(live)
-    assert wait_for(lambda: updates(twilio_api), timeout=5)
-    media.hang_up()
-    twiml = updates(twilio_api)[0][1]
+    twiml = exit_after_close(live, media, timeout=5)
+    media.close()
     assert [child.tag for child in twiml] == ["Say", "Hangup"]
     assert twiml.find("Say").text == (prompts_dir / "time_limit.txt").read_text().strip()
 
@@ -217,14 +219,13 @@ def test_repeated_silence_reprompts_then_ends_the_call(serve, fake_openai, twili
     fake_openai.realtime.response_ms = 200
     media = open_stream(live)
     media.talk([("silence", 200)])
-    assert wait_for(lambda: updates(twilio_api), timeout=8)
-    media.hang_up()
+    twiml = exit_after_close(live, media)
+    media.close()
     reprompt = (prompts_dir / "reprompt.txt").read_text().strip()
     assert any(
         reprompt in e["response"].get("instructions", "")
         for e in fake_openai.events("response.create")
     )
-    twiml = updates(twilio_api)[0][1]
     assert twiml.find("Say").text == (prompts_dir / "goodbye.txt").read_text().strip()
     assert twiml.find("Hangup") is not None
 
@@ -244,8 +245,66 @@ def test_the_turn_limit_ends_a_streaming_call(serve, fake_openai, twilio_api, pr
     media.talk(
         [("silence", 400), ("speech", 400), ("silence", 600), ("speech", 400), ("silence", 500)]
     )
-    assert wait_for(lambda: updates(twilio_api), timeout=5)
-    media.hang_up()
-    twiml = updates(twilio_api)[0][1]
+    twiml = exit_after_close(live, media, timeout=5)
+    media.close()
     assert twiml.find("Say").text == (prompts_dir / "turn_limit.txt").read_text().strip()
     assert twiml.find("Hangup") is not None
+
+
+def test_the_repeat_key_during_the_greeting_is_spoken_once_the_greeting_is_done(
+    serve, fake_openai, twilio_api
+):
+    """The service refuses a second response while one is active: the relay waits its turn."""
+    live = serve()
+    fake_openai.realtime.response_ms = 1500
+    media = open_stream(live)
+    assert wait_for(lambda: fake_openai.events("fake.response_started"))  # the greeting
+    media.press("*")
+    assert wait_for(lambda: len(fake_openai.events("fake.response_started")) == 2, timeout=6)
+    media.hang_up()
+    greeting, repeat = fake_openai.events("fake.response_started")
+    assert repeat["instructions"].startswith("Say exactly this and nothing else: ")
+    assert fake_openai.events("fake.error_sent") == []  # never refused
+    assert not media.wait_closed(0)  # and the call went on
+
+
+def test_other_keys_reach_the_model_as_in_gather_mode(serve, fake_openai, twilio_api):
+    live = serve(TRANSFER_NUMBER="+15557654321")
+    fake_openai.realtime.response_ms = 200
+    media = open_stream(live)
+    assert wait_for(lambda: fake_openai.events("session.update"))
+    time.sleep(0.6)  # the greeting is done
+    media.press("5")
+    assert wait_for(
+        lambda: [
+            e
+            for e in fake_openai.events("conversation.item.create")
+            if e["item"].get("role") == "user"
+        ]
+    )
+    assert wait_for(lambda: len(fake_openai.events("fake.response_started")) == 2)
+    media.hang_up()
+    (keyed,) = [
+        e["item"]
+        for e in fake_openai.events("conversation.item.create")
+        if e["item"].get("role") == "user"
+    ]
+    assert keyed["content"] == [
+        {"type": "input_text", "text": "(The caller pressed 5 on the keypad.)"}
+    ]
+    assert updates(twilio_api) == []
+
+
+def test_the_time_limit_ends_the_call_even_when_twilio_refuses_updates(
+    serve, fake_openai, twilio_api, prompts_dir
+):
+    """No REST call is needed: the stream closes and the <Connect action> says goodbye."""
+    twilio_api.replace(responses.POST, CALLS_URL, status=503, json={"status": 503})
+    live = serve(MAX_CALL_SECONDS="1")
+    media = open_stream(live)
+    twiml = exit_after_close(live, media, timeout=5)
+    media.close()
+    assert [child.tag for child in twiml] == ["Say", "Hangup"]
+    # The exit is read once: a later <Connect action> request goes on in Gather mode.
+    again = TwilioCall(live.app.test_client(), sid=media.call_sid).post("/stream-ended")
+    assert again.find("Gather") is not None

@@ -156,6 +156,7 @@ class FakeOpenAI:
     def stop(self) -> None:
         self._release.set()
         self.server.shutdown()
+        self.server.server_close()
 
     def queue(self, *behaviours) -> None:
         """Behaviours for the next requests, in order; then the default echo."""

@@ -5,6 +5,12 @@ conversation items, runs a simple energy VAD over the appended mu-law audio
 (speech_started / speech_stopped / transcription), and speaks responses as
 output audio deltas faster than real time, as the real service does. It
 records every event it receives, with the time it arrived.
+
+As strict as the service where the relay could get it wrong: one response
+at a time (a `response.create` during a response is refused with the
+service's own error, and no response is started), and every event it sends
+is validated against the openai SDK's own server-event models, so the fake
+cannot drift from what the SDK would accept from the real service.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import pydantic
+from openai.types.realtime import RealtimeServerEvent
+
 from . import mulaw
 
 SPEECH_ENERGY = 500.0  # mean |amplitude| above this is speech
@@ -23,6 +32,8 @@ SILENCE_TO_STOP_MS = 300  # this much silence after speech ends a caller turn
 CHUNK_MS = 100  # audio per output delta
 CHUNKS_PER_TICK = 1
 TICK_SECONDS = 0.02  # one delta every 20 ms: 5x faster than real time
+SERVER_EVENT = pydantic.TypeAdapter(RealtimeServerEvent)
+TRANSCRIPTION_USAGE = {"type": "duration", "seconds": 1.0}
 
 
 @dataclass
@@ -34,6 +45,7 @@ class RealtimeScript:
     response_ms: int = 3000  # length of each spoken answer
     answers: list[str] = field(default_factory=list)  # transcripts, in order
     tool_calls: list[tuple[str, str]] = field(default_factory=list)  # (name, arguments)
+    error_mid_response: bool = False  # the first response sends a server `error` halfway
 
 
 class RealtimeSession:
@@ -58,7 +70,15 @@ class RealtimeSession:
 
     def send(self, event: dict) -> None:
         event.setdefault("event_id", self._id("event"))
+        SERVER_EVENT.validate_python(event)  # raises: a test sees the session drop
+        if event["type"] == "error":
+            self.note({"type": "fake.error_sent", "error": event["error"]})
         self.ws.send(json.dumps(event, separators=(",", ":")))  # compact, as on the wire
+
+    def note(self, entry: dict) -> None:
+        """A line in the event log about what the fake did (types start with "fake.")."""
+        with self.lock:
+            self.log.append({"at": time.monotonic(), **entry})
 
     def run(self) -> None:
         self.send({"type": "session.created", "session": {"type": "realtime", "model": self.model}})
@@ -88,7 +108,10 @@ class RealtimeSession:
             self.items.append(item)
             self.send({"type": "conversation.item.added", "item": item})
         elif kind == "response.create":
-            self.start_response(event.get("response", {}).get("instructions", ""))
+            if self.response:
+                self.refuse_second_response(event)
+            else:
+                self.start_response(event.get("response", {}).get("instructions", ""))
         elif kind == "input_audio_buffer.append":
             self.listen(base64.b64decode(event["audio"]))
         elif kind == "conversation.item.truncate":
@@ -147,13 +170,31 @@ class RealtimeSession:
                         "item_id": self.user_item,
                         "content_index": 0,
                         "transcript": f"caller turn {self.turns}",
+                        "usage": TRANSCRIPTION_USAGE,
                     }
                 )
                 self.start_response()
 
+    def refuse_second_response(self, event: dict) -> None:
+        """What the service answers to a response.create while a response is active."""
+        self.send(
+            {
+                "type": "error",
+                "error": {
+                    "type": "invalid_request_error",
+                    "code": "conversation_already_has_active_response",
+                    "message": "Conversation already has an active response in progress: "
+                    f"{self.response['id']}. Wait until the response is finished before "
+                    "creating a new one.",
+                    "param": None,
+                    "event_id": event.get("event_id"),
+                },
+            }
+        )
+
     def start_response(self, instructions: str = "") -> None:
         if self.response:
-            return
+            return  # the service's own turn detection does not stack responses either
         if self.script.tool_calls and not instructions:
             self.call_tool(*self.script.tool_calls.pop(0))
             return
@@ -169,6 +210,7 @@ class RealtimeSession:
                     "type": "fake.response_started",
                     "item_id": item,
                     "response_id": rid,
+                    "instructions": instructions,
                 }
             )
         self.send({"type": "response.created", "response": {"id": rid, "status": "in_progress"}})
@@ -190,6 +232,23 @@ class RealtimeSession:
                     }
                 )
                 self.finish_response("completed")
+                return
+            if (
+                self.script.error_mid_response
+                and response["sent_ms"] >= self.script.response_ms // 2
+            ):
+                self.script.error_mid_response = False
+                self.send(
+                    {
+                        "type": "error",
+                        "error": {
+                            "type": "server_error",
+                            "code": None,
+                            "message": "The server had an error while processing your request.",
+                        },
+                    }
+                )
+                self.finish_response("failed")
                 return
             chunk = mulaw.tone(CHUNK_MS, hz=330.0, phase_ms=response["sent_ms"])
             response["sent_ms"] += CHUNK_MS
