@@ -4,20 +4,36 @@ Every webhook waits on the LLM for up to a few seconds, and in streaming mode
 every call holds a WebSocket for minutes, so a process must hold many requests
 at once. gevent workers do that with greenlets; the README's benchmark shows
 the measurements behind the choice and the sizing.
+
+Settings come from the environment, then from `.env` in the app's root for
+what the environment leaves unset (parsed as a dotenv file, not by a shell).
 """
 
+import importlib.util
 import os
+import sys
+import types
 
-bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
-worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gevent")
+from dotenv import load_dotenv
+
+load_dotenv(".env", override=False)
+
+
+def _setting(name: str, default: str) -> str:
+    """A blank value (`WEB_CONCURRENCY=` in .env) means the default."""
+    return os.environ.get(name, "").strip() or default
+
+
+bind = f"0.0.0.0:{_setting('PORT', '8000')}"
+worker_class = _setting("GUNICORN_WORKER_CLASS", "gevent")
 # One process per core; WEB_CONCURRENCY is what Heroku-style platforms set.
 # Without REDIS_URL each process would keep its own call state, so a call's
-# turns must all reach the same process: one.
-workers = int(os.environ.get("WEB_CONCURRENCY", "2" if os.environ.get("REDIS_URL") else "1"))
+# turns must all reach the same process: one (on_starting refuses more).
+workers = int(_setting("WEB_CONCURRENCY", "2" if _setting("REDIS_URL", "") else "1"))
 # gevent: concurrent requests (calls in a turn, or live streams) per process.
-worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "1000"))
+worker_connections = int(_setting("GUNICORN_WORKER_CONNECTIONS", "1000"))
 # gthread, if chosen instead: threads per process.
-threads = int(os.environ.get("GUNICORN_THREADS", "64"))
+threads = int(_setting("GUNICORN_THREADS", "64"))
 
 # Twilio gives up after 15 s; a request still running at 30 s is stuck.
 timeout = 30
@@ -27,15 +43,55 @@ keepalive = 75
 
 # The platform's router is the only way in and sets X-Forwarded-Proto; trust it
 # so Twilio's https URL is the one whose signature is checked.
-forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "*")
+forwarded_allow_ips = _setting("FORWARDED_ALLOW_IPS", "*")
 
 accesslog = "-"
 errorlog = "-"
-loglevel = os.environ.get("LOG_LEVEL", "info")
+loglevel = _setting("LOG_LEVEL", "info")
 
 # No runtime control socket: platforms manage processes with signals, and two
 # servers on one machine (tests, benchmarks) would fight over its path.
 control_socket_disable = True
+
+
+def on_starting(server):
+    """Refuse to start, with one sentence per problem, before any worker boots.
+
+    Otherwise every worker fails on its own, each printing the problem inside a
+    traceback, and the master keeps restarting them.
+    """
+    problems = []
+    if server.cfg.workers > 1 and not _setting("REDIS_URL", ""):
+        problems.append(
+            f"configuration: {server.cfg.workers} workers need REDIS_URL: without it each "
+            "worker keeps its own call state and a caller's next turn, served by another "
+            "worker, would lose the conversation (set REDIS_URL, or WEB_CONCURRENCY=1)."
+        )
+    problems += _app_problems()
+    if problems:
+        print("\n".join(problems), file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def _app_problems() -> list[str]:
+    """The app's own start-up checks (ivr/startup.py), without importing the app.
+
+    gevent patches the standard library in each worker as it boots; libraries the
+    app imports (redis, openai, requests) must not be imported before that, so the
+    checks' modules are loaded under a package of their own, which leaves the
+    `ivr` package and its dependencies to the workers.
+    """
+    location = importlib.util.find_spec("ivr").submodule_search_locations
+    package = types.ModuleType("_ivr_startup_check")
+    package.__path__ = list(location)
+    sys.modules[package.__name__] = package
+    startup = importlib.import_module(f"{package.__name__}.startup")
+    try:
+        startup.load_checked()
+    except startup.ConfigError as exc:
+        return [f"configuration: {problem}" for problem in exc.problems]
+    return []
+
 
 # -- Prometheus: /metrics sums every worker (ivr/metrics.py) -----------------------
 # Workers write their values to files in one directory, set here before they

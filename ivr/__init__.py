@@ -10,9 +10,9 @@ from collections.abc import Mapping
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from .config import ConfigError, load_settings
-from .prompts import REQUIRED, Prompts
+from .config import ConfigError
 from .services import build_services
+from .startup import load_checked
 
 log = logging.getLogger("ivr")
 
@@ -21,16 +21,7 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
     """Build the app; `config` holds environment-style names applied last (tests)."""
     _configure_logging()
     try:
-        settings = load_settings(overrides=config)
-        prompts = Prompts(settings.prompts_dir)
-        missing = prompts.missing(REQUIRED)
-        if missing:
-            raise ConfigError(
-                [
-                    f"Prompt file {settings.prompts_dir / (name + '.txt')} is missing or empty."
-                    for name in missing
-                ]
-            )
+        settings, prompts = load_checked(config)
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("configuration: %s", problem)

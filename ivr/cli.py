@@ -9,6 +9,7 @@ import sys
 from datetime import UTC, datetime
 from importlib import metadata
 
+from .envfile import load_env_file
 from .simulator import INPUT_HELP, Simulator, TwilioWouldFail, in_process, over_http
 
 EXIT_CODES = """\
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    load_env_file()  # .env in the working directory, under the environment's own settings
     handlers = {
         "test": _test,
         "call": _call,

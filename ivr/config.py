@@ -19,7 +19,9 @@ from pathlib import Path
 TWILIO_WEBHOOK_LIMIT = 15.0
 MAX_LLM_DEADLINE = 12.0
 
-DEFAULT_PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+# Relative to the working directory: the app's root, where the platform runs the
+# Procfile and `heroku run`, whether or not the package is installed editable.
+DEFAULT_PROMPTS_DIR = Path("prompts")
 
 
 class ConfigError(Exception):
@@ -312,7 +314,10 @@ def _check(s: Settings) -> list[str]:
             f"not {s.turn_max:g}."
         )
     if not s.prompts_dir.is_dir():
-        problems.append(f"PROMPTS_DIR {str(s.prompts_dir)!r} is not a directory.")
+        problems.append(
+            f"PROMPTS_DIR {str(s.prompts_dir)!r} is not a directory "
+            f"(a relative path starts at the working directory, {os.getcwd()})."
+        )
     return problems
 
 

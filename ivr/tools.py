@@ -40,7 +40,9 @@ import dataclasses
 import importlib
 import json
 import logging
+import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -251,7 +253,13 @@ tool = registry.register
 
 
 def load_modules(names: str) -> None:
-    """Import the deployer's tool modules (TOOLS_MODULES, comma-separated)."""
+    """Import the deployer's tool modules (TOOLS_MODULES, comma-separated).
+
+    They are looked up in the working directory (the app's root) too: gunicorn puts
+    it on sys.path, but the installed `ivr` command does not.
+    """
+    if names.strip() and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     for name in filter(None, (n.strip() for n in names.split(","))):
         importlib.import_module(name)
 

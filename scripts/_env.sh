@@ -1,4 +1,4 @@
-# Shared by scripts/*: a project virtualenv with the package installed.
+# Shared by scripts/*: a project virtualenv installed from the dev lock.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,18 +15,31 @@ pick_python() {
     exit 1
 }
 
+# .venv gets exactly the versions in requirements-dev.txt (hash-checked), then
+# the project itself, editable. The locked files are downloaded once into
+# .venv/wheels, where the deploy test (tests/test_deploy.py) installs
+# requirements.txt from too, as the platform would but without the network.
+# Offline from .venv/wheels; fails when a locked file is not there yet.
+install_locked() {
+    .venv/bin/python -m pip install --no-index --find-links .venv/wheels \
+        -r requirements-dev.txt &&
+        .venv/bin/python -m pip install --no-index --find-links .venv/wheels --no-deps -e .
+}
+
 ensure_venv() {
-    local extras="$1"
     if [ ! -x .venv/bin/python ]; then
         "$(pick_python)" -m venv .venv
     fi
-    # Reinstall only when the dependency list changed since the last install.
-    local stamp=".venv/.installed-$extras"
-    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-        echo "Installing into .venv (first run, or pyproject.toml changed)..." >&2
-        # Build chatter goes to a log; it is shown only if the install fails.
-        if ! { .venv/bin/python -m pip install --upgrade pip &&
-            .venv/bin/python -m pip install -e ".[$extras]"; } >.venv/install.log 2>&1; then
+    # Reinstall only when a lock or pyproject.toml changed since the last install.
+    local stamp=".venv/.installed"
+    if [ ! -f "$stamp" ] || [ requirements-dev.txt -nt "$stamp" ] ||
+        [ requirements.txt -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+        echo "Installing into .venv (first run, or a lock changed)..." >&2
+        # Install chatter goes to a log; it is shown only if the install fails.
+        if ! { install_locked || {
+            .venv/bin/python -m pip download --quiet --dest .venv/wheels \
+                -r requirements-dev.txt && install_locked
+        }; } >.venv/install.log 2>&1; then
             cat .venv/install.log >&2
             echo "Installing the package failed (log above)." >&2
             exit 1

@@ -17,6 +17,7 @@ from ivr.scenarios.targets import InProcess
 
 from .conftest import LiveServer
 from .fakes.openai_server import CallTool, Reply, Verdict
+from .fakes.webhook_receiver import SECRET
 
 PROJECT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((PROJECT / "scenarios").glob("*.yaml"))
@@ -332,7 +333,7 @@ def test_the_shipped_scenarios_are_valid():
 
 def test_test_calls_send_no_reports_and_use_gather_mode(env, monkeypatch):
     monkeypatch.setenv("END_OF_CALL_WEBHOOK_URL", "https://reports.example.com/calls")
-    monkeypatch.setenv("END_OF_CALL_WEBHOOK_SECRET", "a-secret")
+    monkeypatch.setenv("END_OF_CALL_WEBHOOK_SECRET", SECRET)
     monkeypatch.setenv("STREAMING_ENABLED", "true")
     monkeypatch.setenv("TWILIO_ACCOUNT_SID", "AC" + "0" * 32)
     deployed = load_settings()

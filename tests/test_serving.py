@@ -7,6 +7,7 @@ alternate between them, which only works if all call state is in Redis.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -33,7 +34,7 @@ def start_gunicorn(env: dict, port: int, log: Path, workers: int = 1) -> subproc
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    deadline = time.monotonic() + 90  # importing openai takes long on a busy machine
+    deadline = time.monotonic() + 90  # a cold worker imports the whole app; CI may be busy
     while time.monotonic() < deadline:
         try:
             if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok:
@@ -135,3 +136,108 @@ def test_a_streaming_call_through_gunicorn(stream_config, fake_openai, tls, tmp_
         proc.terminate()
         proc.wait(timeout=20)
     assert len(media.events("mark")) == len(media.events("media"))
+
+
+# -- start-up: configuration checked once, before any worker --------------------------------
+
+
+@pytest.fixture
+def app_root(tmp_path):
+    """An app root of its own (the project's files linked in), for a .env of the test's."""
+    root = tmp_path / "app"
+    root.mkdir()
+    shutil.copytree(ROOT / "prompts", root / "prompts")
+    for name in ("app.py", "gunicorn.conf.py", "ivr", "scripts", ".venv"):
+        (root / name).symlink_to(ROOT / name)
+    for name in ("pyproject.toml", "requirements.txt", "requirements-dev.txt"):
+        shutil.copy2(ROOT / name, root / name)  # same times: scripts/ won't reinstall
+    return root
+
+
+def gunicorn_exit(env: dict, cwd: Path) -> tuple[int, str]:
+    """gunicorn run until it exits by itself (a server that starts instead is a failure)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "app:app"],
+        cwd=cwd,
+        env={**env, "PORT": str(free_port())},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"gunicorn started despite the configuration: {out[-2000:]}")
+    return proc.returncode, out
+
+
+def base_env(config) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in config}
+    return {**env, **config}
+
+
+def test_a_configuration_error_stops_gunicorn_before_any_worker_boots(config, app_root):
+    env = base_env(config) | {"LLM_DEADLINE_SECONDS": "99", "OPENAI_API_KEY": ""}
+    code, out = gunicorn_exit(env, app_root)
+    assert code != 0
+    assert out.count("LLM_DEADLINE_SECONDS must be") == 1, out
+    assert out.count("OPENAI_API_KEY is missing") == 1, out
+    assert "Traceback" not in out and "Booting worker" not in out, out
+    assert "Listening at" not in out, out
+
+
+def test_several_workers_without_redis_are_refused(config, app_root):
+    env = {k: v for k, v in base_env(config).items() if k != "REDIS_URL"}
+    code, out = gunicorn_exit(env | {"WEB_CONCURRENCY": "3"}, app_root)
+    assert code != 0
+    assert out.count("3 workers need REDIS_URL") == 1, out
+    assert "Booting worker" not in out, out
+
+
+def test_the_environment_wins_over_dotenv(config, app_root):
+    """.env fills in what the environment leaves unset, parsed as dotenv, not by a shell."""
+    (app_root / ".env").write_text(
+        "LLM_DEADLINE_SECONDS=99\n"  # the environment's 3 must win
+        "REPROMPT_LIMIT=0\n"  # unset in the environment: this one applies
+        "SPEECH_HINTS=opening hours, table booking\n"
+    )
+    code, out = gunicorn_exit(base_env(config), app_root)
+    assert code != 0
+    assert "REPROMPT_LIMIT must be at least 1, not 0." in out, out
+    assert "LLM_DEADLINE_SECONDS" not in out, out
+
+
+def test_scripts_read_dotenv_without_a_shell(config, app_root, fake_openai):
+    """scripts/ivr with a .env copied from .env.example and the key on the command line."""
+    dotenv = (ROOT / ".env.example").read_text()
+    dotenv = dotenv.replace("SPEECH_HINTS=\n", "SPEECH_HINTS=opening hours, table booking\n")
+    (app_root / ".env").write_text(dotenv)
+    env = base_env(config) | {"STREAMING_ENABLED": ""}
+    checked = subprocess.run(
+        [app_root / "scripts" / "ivr", "check"],
+        cwd=app_root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "command not found" not in checked.stderr
+    assert "ready to answer calls" in checked.stdout
+
+
+def test_prompts_and_tool_modules_are_found_in_the_working_directory(config, app_root, monkeypatch):
+    """As the installed `ivr` command sees them: the app's root is the working directory."""
+    from ivr.config import load_settings
+    from ivr.tools import load_modules
+
+    monkeypatch.chdir(app_root)
+    (app_root / "my_tools_for_test.py").write_text("LOADED = True\n")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(ROOT))])
+    monkeypatch.delitem(sys.modules, "my_tools_for_test", raising=False)
+    settings = load_settings({k: v for k, v in config.items() if k != "PROMPTS_DIR"})
+    assert settings.prompts_dir.resolve() == (app_root / "prompts").resolve()
+    load_modules("my_tools_for_test")
+    assert sys.modules["my_tools_for_test"].LOADED

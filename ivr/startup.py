@@ -1,0 +1,27 @@
+"""Everything checked before the app serves: the settings and the prompt files.
+
+create_app runs them, and gunicorn.conf.py runs them once before any worker
+boots, so a bad setting stops the server with one sentence, not one per worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .config import ConfigError, Settings, load_settings
+from .prompts import REQUIRED, Prompts
+
+
+def load_checked(config: Mapping[str, object] | None = None) -> tuple[Settings, Prompts]:
+    """Settings and prompts, or ConfigError with one sentence per problem."""
+    settings = load_settings(overrides=config)
+    prompts = Prompts(settings.prompts_dir)
+    missing = prompts.missing(REQUIRED)
+    if missing:
+        raise ConfigError(
+            [
+                f"Prompt file {settings.prompts_dir / (name + '.txt')} is missing or empty."
+                for name in missing
+            ]
+        )
+    return settings, prompts
