@@ -279,7 +279,9 @@ class CallStore:
             if result.get("end_reason"):
                 pipe.hset(self._key(sid, "meta"), "end_reason", result["end_reason"])
             if turn:
-                pipe.hset(self._key(sid, "results"), str(turn), json.dumps(result))
+                # The first stored answer wins: a held turn whose worker was
+                # given up for dead must not change what replays say.
+                pipe.hsetnx(self._key(sid, "results"), str(turn), json.dumps(result))
                 # Answered: a replay finds the result, and the report need not wait.
                 pipe.delete(*self.claim_keys(sid, turn))
             self._expire_all(pipe, sid, self.ttl)

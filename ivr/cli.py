@@ -192,9 +192,11 @@ def _call(args) -> int:
         print("A real caller would now hear Twilio's application error message.", file=sys.stderr)
         return 1
     times = [seconds for _, seconds in summary.webhooks]
+    waits = sum(path == "/turn-wait" for path, _ in summary.webhooks)
     print(f"\n--- call {simulator.sid}: {summary.turns} turns, ended: {summary.ended_by}")
     print(
-        f"--- {len(times)} webhooks; time per webhook: min {min(times) * 1000:.0f} ms, "
+        f"--- {len(times)} webhooks ({waits} after hold lines); time per webhook: "
+        f"min {min(times) * 1000:.0f} ms, "
         f"mean {sum(times) / len(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms"
     )
     return 0

@@ -121,6 +121,16 @@ class Settings:
     admin_password: str = env("ADMIN_PASSWORD", "")
     admin_user: str = env("ADMIN_USER", "admin")
     log_format: str = env("LOG_FORMAT", "text")
+    # A slow Gather turn holds (ivr/hold.py): its first answer must reach Twilio
+    # well inside its limit, and a turn held longer is not worth the caller's wait.
+    hold_after: float = env(
+        "HOLD_AFTER_SECONDS",
+        1.5,
+        least=0,
+        most=10,
+        why="(0 never holds), so the first answer reaches Twilio in time",
+    )
+    turn_max: float = env("TURN_MAX_SECONDS", 30.0, least=1, most=300)
 
     @property
     def gather_speech_timeout(self) -> str:
@@ -298,6 +308,11 @@ def _check(s: Settings) -> list[str]:
     ):
         if key != NO_KEY and not (len(key) == 1 and key in "0123456789*#"):
             problems.append(f"{name} must be one key (0-9, * or #) or {NO_KEY}, not {key!r}.")
+    if s.turn_max < s.hold_after:
+        problems.append(
+            f"TURN_MAX_SECONDS must be at least HOLD_AFTER_SECONDS ({s.hold_after:g}), "
+            f"not {s.turn_max:g}."
+        )
     if not s.prompts_dir.is_dir():
         problems.append(
             f"PROMPTS_DIR {str(s.prompts_dir)!r} is not a directory "

@@ -23,6 +23,7 @@ from twilio.twiml.voice_response import VoiceResponse
 from . import twiml
 from .calls import CallStore
 from .config import Settings
+from .hold import pick_line
 from .prompts import Prompts
 from .tools import ToolCall, ToolRegistry
 
@@ -162,6 +163,10 @@ class StreamControl:
         self.retry_at = 0.0  # no limit is enforced again before this
         self._done_lock = threading.Lock()  # the watchdog and the relay's loops race here
         self._stop = threading.Event()
+        self._hold_lock = threading.Lock()
+        self._holding = False  # a hold line's response is in progress
+        self._hold_line: str | None = None
+        self._deferred: list = []
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -188,6 +193,11 @@ class StreamControl:
 
     def on_response_done(self) -> None:
         self.last_activity = self.clock()
+        with self._hold_lock:
+            self._holding = False
+            deferred, self._deferred = self._deferred, []
+        for send in deferred:  # a tool's output that waited for the hold line
+            send()
         if self.ending_since is not None:
             self.farewell_said = True
             if not self.relay.is_speaking():
@@ -230,7 +240,15 @@ class StreamControl:
     def _run_tool(self, call_id: str, name: str, arguments: str) -> None:
         relay = self.relay
         began = time.monotonic()
-        output, action = self.control.run_tool(relay.call_sid, relay.caller, name, arguments)
+        # A tool slower than HOLD_AFTER_SECONDS would leave the caller in silence.
+        timer = threading.Timer(self.settings.hold_after, self._say_hold)
+        timer.daemon = True
+        if self.settings.hold_after:
+            timer.start()
+        try:
+            output, action = self.control.run_tool(relay.call_sid, relay.caller, name, arguments)
+        finally:
+            timer.cancel()
         duration_ms = int((time.monotonic() - began) * 1000)
         relay.record(
             "tool", output, name=name, arguments=arguments, call_id=call_id, duration_ms=duration_ms
@@ -255,7 +273,24 @@ class StreamControl:
             self.ending_since = self.clock()
             relay.say(self.control.prompts.line("farewell"))
         else:
-            relay.send_tool_output(call_id, output)
+            self._after_hold(lambda: relay.send_tool_output(call_id, output))
+
+    # -- hold lines while a tool runs ---------------------------------------------------------
+
+    def _say_hold(self) -> None:
+        with self._hold_lock:
+            self._holding = True
+        self._hold_line = pick_line(self.control.prompts, self._hold_line)
+        self._say(self._hold_line, "hold line")
+
+    def _after_hold(self, send) -> None:
+        """Send now, or once the hold line's response is done: the model refuses
+        a response.create while another response is in progress."""
+        with self._hold_lock:
+            if self._holding:
+                self._deferred.append(send)
+                return
+        send()
 
     def _claim_end(self) -> bool:
         """True for the one caller that gets to end or move the call."""

@@ -21,6 +21,7 @@ from . import calllog, metrics, twiml
 from .calls import CallStore, TurnRecord
 from .claims import Leases
 from .config import Settings
+from .hold import Hold
 from .llm import LLMUnavailable, Responder
 from .prompts import Prompts
 from .speakable import make_speakable
@@ -61,6 +62,7 @@ class Conversation:
         self.tools = tools
         self.leases = leases
         self.reports = reports  # a report.ReportQueue, when END_OF_CALL_WEBHOOK_URL is set
+        self.hold = Hold(self)  # slow turns: hold lines and /turn-wait
 
     # -- entry points -------------------------------------------------------------
 
@@ -105,9 +107,13 @@ class Conversation:
         calllog.begin_turn(started)  # timings for the call log
         if not turn:
             return self._answer_and_record(sid, turn, heard, deadline)
-        replay = self._claim_or_replay(sid, turn, deadline)
+        replay = self._claim_or_replay(sid, turn, started)
         if replay is not None:
             return replay
+        if self.settings.hold_after:
+            # A slow answer goes on in the background behind a hold line
+            # (ivr/hold.py), and that thread lets the claim go when it is stored.
+            return self.hold.run(sid, turn, heard, started)
         claim = self.store.claim_keys(sid, turn)
         try:
             result = self._answer_and_record(sid, turn, heard, deadline)
@@ -117,6 +123,12 @@ class Conversation:
             raise
         self.leases.forget(*claim)
         return result
+
+    def wait_for_turn(self, sid: str, turn: int | None) -> dict:
+        """/turn-wait: a held turn's answer, as soon as it is stored."""
+        if not turn:
+            return {"kind": "error", "text": self.prompts.line("error"), "next": None}
+        return self.hold.wait(sid, turn)
 
     def apologise(self, sid: str, turn: int | None) -> dict:
         """Something unexpected failed: sorry, and the call goes on with a numbered Gather."""
@@ -139,13 +151,16 @@ class Conversation:
 
     # -- replay protection ----------------------------------------------------------
 
-    def _claim_or_replay(self, sid: str, turn: int, deadline: float) -> dict | None:
+    def _claim_or_replay(self, sid: str, turn: int, started: float) -> dict | None:
         """None when this delivery owns the turn; else the answer to replay.
 
         A repeated delivery waits for the first one's answer while that one's
         worker is alive; when its claim lapses (the worker died) or is given
-        back (it failed), this delivery claims the turn and answers it.
+        back (it failed), this delivery claims the turn and answers it. Past
+        HOLD_AFTER_SECONDS it says a hold line and goes on waiting at /turn-wait.
         """
+        settings = self.settings
+        deadline = started + (settings.hold_after or settings.llm_deadline)
         owner = self.leases.owner_id()
         while True:
             stored, claimed = self._safely(
@@ -160,6 +175,8 @@ class Conversation:
                 self.leases.hold(*self.store.claim_keys(sid, turn))
                 return None
             if time.monotonic() + REPLAY_POLL_SECONDS >= deadline:
+                if settings.hold_after:
+                    return self.hold.hold_line(sid, turn)
                 return {"kind": "error", "text": self.prompts.line("error"), "next": turn + 1}
             time.sleep(REPLAY_POLL_SECONDS)
 
@@ -172,7 +189,10 @@ class Conversation:
     # -- the turn -------------------------------------------------------------------
 
     def _answer_and_record(self, sid: str, turn: int | None, heard: Heard, deadline: float) -> dict:
-        result, messages = self._answer(sid, turn, heard, deadline)
+        return self.end_turn(sid, turn, *self.answer_turn(sid, turn, heard, deadline))
+
+    def end_turn(self, sid: str, turn: int | None, result: dict, messages: list[dict]) -> dict:
+        """Store the turn's answer (for replays) and its messages; returns the answer."""
         if not any(m["role"] == "assistant" and m.get("content") for m in messages):
             # Lines from prompts/ go in the transcript too, under their own role
             # so the model's history holds only the conversation itself.
@@ -184,9 +204,10 @@ class Conversation:
         self._safely(sid, "end turn", lambda: self.store.end_turn(sid, turn, result, messages))
         return result
 
-    def _answer(
+    def answer_turn(
         self, sid: str, turn: int | None, heard: Heard, deadline: float
     ) -> tuple[dict, list[dict]]:
+        """What to say for the caller's words, and the messages to record; stores nothing."""
         next_turn = self._next_turn(sid, turn)
         settings = self.settings
         if heard.digits:
@@ -304,4 +325,6 @@ def render_result(result: dict, settings: Settings):
         return twiml.goodbye(result["text"], settings)
     if result["kind"] == "transfer":
         return twiml.transfer(result["text"], result["number"], settings)
+    if result["kind"] == "hold":
+        return twiml.hold(result["text"], result["next"], result["wait"], settings)
     return twiml.gather_turn(result["text"], result.get("next"), settings)

@@ -110,6 +110,10 @@ class Responder:
         self.model = model
         self.attempt_timeout = attempt_timeout
         self.max_tokens = max_tokens
+        # Seconds after reply() starts when failed attempts stop being retried
+        # (None: until the deadline). A held turn's deadline is far off so a
+        # slow answer can arrive; a failing model should not be retried that long.
+        self.retry_window: float | None = None
 
     def reply(
         self,
@@ -129,10 +133,11 @@ class Responder:
         messages = [{"role": "system", "content": system_prompt}, *history]
         offered = tools.chat_tools(call.settings) if tools and call else []
         new: list[dict] = []
+        retry_until = time.monotonic() + self.retry_window if self.retry_window else deadline
         for round_number in range(MAX_TOOL_ROUNDS + 1):
             # The last round offers no tools, so the model has to answer in words.
             message = self._complete(
-                messages, deadline, offered if round_number < MAX_TOOL_ROUNDS else []
+                messages, deadline, offered if round_number < MAX_TOOL_ROUNDS else [], retry_until
             )
             tool_calls = _well_formed(message.get("tool_calls") or [], round_number)
             text = (message.get("content") or "").strip()
@@ -156,11 +161,13 @@ class Responder:
                 return Reply(text, call.action, new)
         raise LLMUnavailable("the model kept calling tools")
 
-    def _complete(self, messages: list[dict], deadline: float, tools: list[dict]) -> dict:
+    def _complete(
+        self, messages: list[dict], deadline: float, tools: list[dict], retry_until: float
+    ) -> dict:
         """One chat completion (the assistant message as a dict), with retries."""
 
         def stop(state: RetryCallState) -> bool:
-            left = deadline - time.monotonic()
+            left = min(deadline, retry_until) - time.monotonic()
             wanted = retry_after_seconds(state.outcome.exception()) or 0.0
             return left - wanted < MIN_ATTEMPT_SECONDS
 

@@ -46,6 +46,8 @@ class Services:
 
     def close(self) -> None:
         """Close the clients' connections (an app being discarded, a CLI command done)."""
+        # Held turns use Redis to the end: a connection opened after close() would leak.
+        self.conversation.hold.close()
         self.redis.close()
         self.openai.close()
 

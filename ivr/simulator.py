@@ -2,9 +2,11 @@
 
 The simulator posts a signed `POST /voice`, then runs the TwiML it gets back
 verb by verb: <Say> and <Play> are printed, <Gather> reads what the caller
-says from the input, <Redirect> and actions are followed, <Hangup> and <Dial>
-end the call, and <Connect><Stream> (which needs real audio) is followed to
-its action URL, as Twilio does when a stream ends. Every request carries an
+says from the input (a Gather that moves on when the caller is silent, like
+a hold line, is listened to without speaking), <Redirect> and actions are
+followed, <Hangup> and <Dial> end the call, and <Connect><Stream> (which
+needs real audio) is followed to its action URL, as Twilio does when a
+stream ends. Every request carries an
 X-Twilio-Signature made with the auth token, so the app is checked exactly
 as it will be on a real number. It stops with an error where Twilio would
 play "an application error has occurred": an HTTP error, TwiML Twilio would
@@ -143,6 +145,11 @@ class Simulator:
             elif tag == "Gather":
                 for child in verb:
                     self._speak(child)
+                if verb.get("actionOnEmptyResult") != "true":
+                    # Silence moves on to the next verb (a hold line before its
+                    # <Redirect>): the simulated caller listens without speaking.
+                    self.write(f"[listening {verb.get('timeout', '5')} s; the caller waits]")
+                    continue
                 heard = self._listen(verb)
                 if heard is None:
                     self.summary.ended_by = "caller hung up"

@@ -28,6 +28,10 @@ def _safe(builder):
     return wrapper
 
 
+# Gather's timeout after a hold line; Twilio wants a positive whole number of seconds.
+HOLD_LISTEN_SECONDS = 1
+
+
 def turn_url(turn: int | None) -> str:
     return f"/process-speech?turn={turn}" if turn else "/process-speech"
 
@@ -48,22 +52,46 @@ def gather_turn(text: str, next_turn: int | None, settings: Settings) -> VoiceRe
     posting, and lands on the same silence handling.
     """
     response = VoiceResponse()
-    gather = Gather(
+    gather = _listen(next_turn, settings, action_on_empty_result=True)
+    _say(gather, text, settings)
+    response.append(gather)
+    response.redirect(turn_url(next_turn), method="POST")
+    return response
+
+
+def _listen(next_turn: int | None, settings: Settings, **extra) -> Gather:
+    return Gather(
         # Keys as well as speech; one key is enough (0 for a human, * to repeat).
         input="dtmf speech",
         num_digits=1,
         action=turn_url(next_turn),
         method="POST",
-        action_on_empty_result=True,
         speech_timeout=settings.gather_speech_timeout,
         barge_in=True,
         language=settings.language or None,
         speech_model=settings.speech_model or None,
         hints=settings.speech_hints or None,
+        **extra,
     )
+
+
+def wait_url(turn: int) -> str:
+    return f"/turn-wait?turn={turn}"
+
+
+@_safe
+def hold(text: str, next_turn: int, waiting_turn: int, settings: Settings) -> VoiceResponse:
+    """A hold line while turn `waiting_turn` is answered, then /turn-wait.
+
+    The line is in a Gather so a caller who speaks over it is heard (as the
+    next turn). Without actionOnEmptyResult, silence falls through to the
+    Redirect after Gather's `timeout`, 1 s, the least Twilio accepts.
+    """
+    response = VoiceResponse()
+    gather = _listen(next_turn, settings, timeout=HOLD_LISTEN_SECONDS)
     _say(gather, text, settings)
     response.append(gather)
-    response.redirect(turn_url(next_turn), method="POST")
+    response.redirect(wait_url(waiting_turn), method="POST")
     return response
 
 

@@ -117,6 +117,13 @@ def process_speech(sid: str):
     return result
 
 
+@bp.post("/turn-wait")
+@twilio_webhook
+def turn_wait(sid: str):
+    """The <Redirect> after a hold line: the held turn's answer, or another hold line."""
+    return get_services().conversation.wait_for_turn(sid, _turn())
+
+
 @bp.post("/voice-fallback")
 @twilio_webhook
 def voice_fallback(sid: str):

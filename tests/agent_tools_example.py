@@ -30,3 +30,14 @@ def explode(call):
 def slow(call):
     time.sleep(5)
     return {"too": "late"}
+
+
+@tool(
+    "lookup_slowly",
+    "Look something up in a slow back-office system.",
+    {"type": "object", "properties": {"seconds": {"type": "number"}}, "required": ["seconds"]},
+    enabled=_loaded,
+)
+def lookup_slowly(call, seconds):
+    time.sleep(seconds)
+    return {"found": True, "after_seconds": seconds}

@@ -88,8 +88,9 @@ def test_when_the_llm_fails_the_caller_hears_the_error_line_and_keeps_talking(
 ):
     call.start()
     fake_openai.queue(*[Fail(500) for _ in range(20)])
-    root = call.say("Are you there?")
-    assert spoken(root) == [(prompts_dir / "error.txt").read_text().strip()]
+    call.say("Are you there?")
+    call.hold_through()  # retries outlast HOLD_AFTER_SECONDS: a hold line first
+    assert spoken(call.last) == [(prompts_dir / "error.txt").read_text().strip()]
     assert call.gather.get("action") == "/process-speech?turn=2"
     # The caller's words were kept: the next turn's LLM request includes them.
     fake_openai.reset()
@@ -102,11 +103,14 @@ def test_an_unreachable_llm_gives_the_error_line(config, prompts_dir):
     app = create_app({**config, "OPENAI_BASE_URL": f"http://127.0.0.1:{free_port()}/v1"})
     call = TwilioCall(app.test_client())
     call.start()
-    assert spoken(call.say("Hello?")) == [(prompts_dir / "error.txt").read_text().strip()]
+    call.say("Hello?")
+    call.hold_through()
+    assert spoken(call.last) == [(prompts_dir / "error.txt").read_text().strip()]
 
 
 def test_a_hanging_llm_is_cut_off_by_the_deadline(config, fake_openai, prompts_dir):
-    app = create_app({**config, "LLM_DEADLINE_SECONDS": "1.5"})
+    # Without holding: a held turn waits for a hanging model until TURN_MAX_SECONDS.
+    app = create_app({**config, "LLM_DEADLINE_SECONDS": "1.5", "HOLD_AFTER_SECONDS": "0"})
     call = TwilioCall(app.test_client())
     call.start()
     fake_openai.queue(*[Hang() for _ in range(10)])

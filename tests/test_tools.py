@@ -20,6 +20,8 @@ def tool_config(config):
         "TOOLS_MODULES": "tests.agent_tools_example",
         "TOOL_TIMEOUT_SECONDS": "0.5",
         "TRANSFER_NUMBER": "+15557654321",
+        # The inline limits; a held turn gives tools up to TURN_MAX_SECONDS (test_hold.py).
+        "HOLD_AFTER_SECONDS": "0",
     }
 
 
@@ -180,6 +182,7 @@ def test_a_tool_gets_no_more_than_the_turn_has_left(config, fake_openai, prompts
             "TOOLS_MODULES": "tests.agent_tools_example",
             "LLM_DEADLINE_SECONDS": "1.8",
             "TOOL_TIMEOUT_SECONDS": "4",
+            "HOLD_AFTER_SECONDS": "0",
         }
     )
     call = TwilioCall(app.test_client())

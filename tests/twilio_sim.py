@@ -112,6 +112,22 @@ class TwilioCall:
         )
         return self.last
 
+    def hold_through(self, limit: int = 20) -> list[str]:
+        """Stay silent through hold lines, following each <Redirect> as Twilio does.
+
+        A hold line is a Gather that moves on when nobody speaks (no
+        actionOnEmptyResult); returns the lines heard from `last` on, and
+        leaves the answer in `last`.
+        """
+        heard: list[str] = []
+        for _ in range(limit):
+            gather = self.last.find("Gather") if self.last is not None else None
+            if gather is None or gather.get("actionOnEmptyResult") == "true":
+                return heard
+            heard += [say.text or "" for say in gather.iter("Say")]
+            self.post(self.last.find("Redirect").text)
+        raise AssertionError(f"still on hold after {limit} redirects: {heard}")
+
     def say(self, words: str, confidence: float | None = 0.92) -> ET.Element:
         fields = {"SpeechResult": words}
         if confidence is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import re
 import threading
 import time
 from collections import deque
@@ -116,6 +117,13 @@ def echo(messages: list[dict]) -> str:
     """Default answer: repeats the caller's last words, so tests can follow a call."""
     last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
     return f"You said: {last}"
+
+
+def asked_delay(messages: list[dict]) -> float:
+    """Seconds the caller's last words ask the fake to take: "... (wait 2.5 s)" (benchmarks)."""
+    last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    match = re.search(r"\(wait (\d+(?:\.\d+)?) s\)", last or "")
+    return float(match.group(1)) if match else 0.0
 
 
 class FakeOpenAI:
@@ -247,7 +255,7 @@ class FakeOpenAI:
                 time.sleep(behaviour.delay)
                 text = behaviour.text
             else:
-                time.sleep(self.default_delay)
+                time.sleep(self.default_delay or asked_delay(body["messages"]))
                 text = echo(body["messages"])
             return jsonify(self._completion(body["model"], text))
 
