@@ -34,7 +34,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.turns import Services, ms, pct, signed  # noqa: E402
+from bench.turns import Services, ms, pct, signed, timed_turn  # noqa: E402
 from tests.fakes.redis_server import free_port  # noqa: E402
 
 
@@ -97,15 +97,8 @@ def run_load(urls: list[str], callers: int, seconds: float, redis_url: str, tag:
             r.raise_for_status()
 
             def turn(n: int) -> float:
-                url = urls[(i + n) % len(urls)]  # round robin, turn by turn
-                target = f"{url}/process-speech?turn={n}"
-                params = {**base, "SpeechResult": f"question {n}", "Confidence": "0.9"}
-                started = time.perf_counter()
-                r = session.post(target, data=params, headers=signed(target, params), timeout=20)
-                elapsed = time.perf_counter() - started
-                if r.status_code != 200 or f"You said: question {n}".encode() not in r.content:
-                    raise RuntimeError(f"turn {n}: HTTP {r.status_code} {r.text[:200]}")
-                return elapsed
+                # Round robin, turn by turn.
+                return timed_turn(session, urls[(i + n) % len(urls)], base, n)
 
             try:
                 for n in range(1, 4):  # warm-up on every instance: imports, connections

@@ -128,6 +128,18 @@ def signed(url: str, params: dict) -> dict:
     return {"X-Twilio-Signature": RequestValidator(TOKEN).compute_signature(url, params)}
 
 
+def timed_turn(session: requests.Session, url: str, base: dict, n: int) -> float:
+    """Post turn `n` of the call in `base` to `url`; seconds until the answer came."""
+    target = f"{url}/process-speech?turn={n}"
+    params = {**base, "SpeechResult": f"question {n}", "Confidence": "0.9"}
+    started = time.perf_counter()
+    r = session.post(target, data=params, headers=signed(target, params), timeout=20)
+    elapsed = time.perf_counter() - started
+    if r.status_code != 200 or f"You said: question {n}".encode() not in r.content:
+        raise RuntimeError(f"turn {n}: HTTP {r.status_code} {r.text[:200]}")
+    return elapsed
+
+
 def seed_history(redis_url: str, sid: str, messages: int) -> None:
     import redis
 
@@ -365,13 +377,7 @@ def part_b(
             # Calls start spread over one think time, as they would on a real number.
             time.sleep(think * i / calls)
             for n in range(1, 4):
-                target = f"{url}/process-speech?turn={n}"
-                params = {**base, "SpeechResult": f"question {n}", "Confidence": "0.9"}
-                started = time.perf_counter()
-                r = session.post(target, data=params, headers=signed(target, params), timeout=20)
-                elapsed = time.perf_counter() - started
-                if r.status_code != 200 or f"You said: question {n}".encode() not in r.content:
-                    raise RuntimeError(f"turn {n}: HTTP {r.status_code} {r.text[:200]}")
+                elapsed = timed_turn(session, url, base, n)
                 with lock:
                     turn_times.append(elapsed)
                 time.sleep(think)
