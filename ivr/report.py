@@ -122,9 +122,13 @@ class ReportQueue:
             self._thread = threading.Thread(target=self._run, name="report-sender", daemon=True)
             self._thread.start()
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Ask this process's sender to stop after its current attempt (no wait)."""
         self._stop.set()
         self._wake.set()
+
+    def close(self) -> None:
+        self.stop()
         if self._thread is not None:
             self._thread.join(timeout=TIMEOUT + 1)
         self.session.close()
