@@ -60,6 +60,14 @@ def get_services() -> Services:
     return current_app.extensions["ivr"]
 
 
+# redis-py 8 caps a client's pool at 100 connections and refuses the 101st at
+# once ("Too many connections"). A gevent worker serves up to 1000 requests at
+# a time, and each one waiting for a held turn's answer (a blocking read) or
+# storing an answer holds a connection: with 200 slow turns on two workers the
+# cap turned half the answers into the error line (scripts/bench hold).
+MAX_REDIS_CONNECTIONS = 1000
+
+
 def build_redis(url: str, cluster: bool = False) -> redis.Redis | ClusterClient:
     """The app's Redis client for REDIS_URL; an in-process store when it is empty.
 
@@ -87,7 +95,7 @@ def build_redis(url: str, cluster: bool = False) -> redis.Redis | ClusterClient:
         options["ssl_cert_reqs"] = None
     if cluster:
         return ClusterClient(url, **options)
-    return redis.Redis.from_url(url, **options)
+    return redis.Redis.from_url(url, max_connections=MAX_REDIS_CONNECTIONS, **options)
 
 
 def build_services(settings: Settings, prompts: Prompts) -> Services:
