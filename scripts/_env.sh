@@ -36,10 +36,11 @@ ensure_venv() {
         [ requirements.txt -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
         echo "Installing into .venv (first run, or a lock changed)..." >&2
         # Install chatter goes to a log; it is shown only if the install fails.
-        if ! { install_locked || {
-            .venv/bin/python -m pip download --quiet --dest .venv/wheels \
-                -r requirements-dev.txt && install_locked
-        }; } >.venv/install.log 2>&1; then
+        # Download first, every time a lock changed: an offline install can
+        # succeed on what .venv already has, and leave .venv/wheels without a
+        # package that the deploy test's fresh virtualenv needs.
+        if ! { .venv/bin/python -m pip download --quiet --dest .venv/wheels \
+            -r requirements-dev.txt && install_locked; } >.venv/install.log 2>&1; then
             cat .venv/install.log >&2
             echo "Installing the package failed (log above)." >&2
             exit 1

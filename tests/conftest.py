@@ -130,6 +130,29 @@ def stream_config(config):
     }
 
 
+def process_env(openai_url: str, redis_url: str, **settings: str) -> dict[str, str]:
+    """The environment of an app process a test starts (gunicorn, a dyno): this
+    process's own, less any deployment setting, plus the test deployment's
+    (streaming on, the fake OpenAI, the session's Redis) and `settings`."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ENV_NAMES and not k.startswith(("OPENAI_", "TWILIO_"))
+    }
+    env.update(
+        TWILIO_AUTH_TOKEN=AUTH_TOKEN,
+        TWILIO_ACCOUNT_SID=ACCOUNT_SID,
+        OPENAI_API_KEY="sk-test",
+        OPENAI_BASE_URL=openai_url,
+        OPENAI_MODEL="fake-model",
+        OPENAI_REALTIME_MODEL="fake-realtime",
+        STREAMING_ENABLED="true",
+        REDIS_URL=redis_url,
+        **settings,
+    )
+    return env
+
+
 class LiveServer:
     """The app on a real loopback HTTP/WebSocket server, in a thread."""
 

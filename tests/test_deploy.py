@@ -26,9 +26,10 @@ import requests
 
 from ivr.config import ENV_NAMES
 
+from .conftest import process_env
 from .fakes.redis_server import free_port
 from .fakes.twilio_media import TwilioMediaClient
-from .twilio_sim import ACCOUNT_SID, AUTH_TOKEN, new_sid, sign
+from .twilio_sim import AUTH_TOKEN, new_sid, sign
 from .waiting import wait_for
 
 pytestmark = pytest.mark.deploy
@@ -84,21 +85,15 @@ def built(tmp_path_factory) -> tuple[Path, Path]:
 def platform_env(built, redis_url, _fake_openai_server) -> dict:
     """The dyno's environment: the platform's variables and the deployer's settings."""
     _, bin_dir = built
-    env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES}
-    env = {k: v for k, v in env.items() if not k.startswith(("OPENAI_", "TWILIO_", "PYTHON"))}
-    env.update(
-        PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
-        TWILIO_AUTH_TOKEN=AUTH_TOKEN,
-        TWILIO_ACCOUNT_SID=ACCOUNT_SID,
-        OPENAI_API_KEY="sk-test",
-        OPENAI_BASE_URL=_fake_openai_server.url,
-        OPENAI_MODEL="fake-model",
-        OPENAI_REALTIME_MODEL="fake-realtime",
-        STREAMING_ENABLED="true",
+    env = process_env(
+        _fake_openai_server.url,
+        redis_url,
         STREAM_CONNECT_TIMEOUT_SECONDS="2",
-        REDIS_URL=redis_url,
         WEB_CONCURRENCY="2",
     )
+    # Nothing of the test run's Python (PYTHONPATH could reach the checkout).
+    env = {k: v for k, v in env.items() if not k.startswith("PYTHON")}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     return env
 
 

@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from .conftest import PROJECT_PROMPTS
+from .conftest import PROJECT_PROMPTS, process_env
 from .fakes.openai_server import Reply
 from .fakes.redis_server import free_port
 from .fakes.twilio_media import TwilioMediaClient
 from .test_serving import ROOT, post
-from .twilio_sim import ACCOUNT_SID, AUTH_TOKEN, new_sid
+from .twilio_sim import AUTH_TOKEN, new_sid
 from .waiting import wait_for
 
 
@@ -78,17 +78,10 @@ def start_instances(env: dict, count: int, logs: Path) -> list[Instance]:
 @pytest.fixture(scope="module")
 def instances(redis_url, _fake_openai_server, tmp_path_factory):
     """Three instances with streaming on, one plain redis-server, one fake OpenAI."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "TWILIO_"))}
-    env.update(
-        TWILIO_AUTH_TOKEN=AUTH_TOKEN,
-        TWILIO_ACCOUNT_SID=ACCOUNT_SID,
-        OPENAI_API_KEY="sk-test",
-        OPENAI_BASE_URL=_fake_openai_server.url,
-        OPENAI_MODEL="fake-model",
-        OPENAI_REALTIME_MODEL="fake-realtime",
-        REDIS_URL=redis_url,
+    env = process_env(
+        _fake_openai_server.url,
+        redis_url,
         PROMPTS_DIR=str(PROJECT_PROMPTS),
-        STREAMING_ENABLED="true",
         STREAM_CONNECT_TIMEOUT_SECONDS="1",
         LLM_DEADLINE_SECONDS="5",
     )
