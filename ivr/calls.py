@@ -172,14 +172,16 @@ class CallStore:
         self.redis.set(self._key(sid, "reported"), 1, ex=self.retention)
 
     def set_meta(self, sid: str, **fields: str) -> None:
-        self.redis.hset(self._key(sid, "meta"), mapping=fields)
+        """Fields of the call's record; like every write, it never leaves a key without
+        a TTL (a report settled after the record expired would otherwise keep one)."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._key(sid, "meta"), mapping=fields)
+            self._expire_all(pipe, sid, self.ttl)
+            pipe.execute()
 
     def set_end_reason(self, sid: str, reason: str) -> None:
         """How the app ended the call (transferred, ended-by-agent, limit-reached...)."""
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._key(sid, "meta"), "end_reason", reason)
-            self._expire_all(pipe, sid, self.ttl)
-            pipe.execute()
+        self.set_meta(sid, end_reason=reason)
 
     def set_stream_exit(self, sid: str, exit_json: str, reason: str) -> None:
         """Where a streaming call goes once its stream closes; its <Connect action> reads it."""

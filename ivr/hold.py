@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextvars
 import copy
 import dataclasses
+import json
 import logging
 import random
 import threading
@@ -209,7 +210,7 @@ class Hold:
                     pipe.hget(results, str(turn))
                     claimed, until_epoch, stored = pipe.execute()
                 if stored:
-                    return self.store.stored_result(sid, turn)
+                    return json.loads(stored)
                 if self._lost(claimed, until_epoch, began):
                     log.error("call %s turn %s: its worker is gone; error line", sid, turn)
                     return self._give_up(sid, turn, "error")

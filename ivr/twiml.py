@@ -2,8 +2,8 @@
 
 URLs are relative: Twilio resolves them against the URL it just requested, so
 they stay right behind any proxy or custom domain without knowing the host.
-Every document is filtered by `xmltext.make_safe` before it leaves a builder,
-and again in `render`, so no text from a caller, the model, a tool, a prompt
+Every document is filtered by `xmltext.make_safe` as it leaves its builder (the
+`@_safe` decorator below), so no text from a caller, the model, a tool, a prompt
 file or a setting can make it malformed.
 """
 
@@ -129,7 +129,7 @@ def goodbye(text: str, settings: Settings) -> VoiceResponse:
 
 def render(doc: VoiceResponse, status: int = 200) -> Response:
     """The one way views return TwiML (documents built elsewhere are filtered here too)."""
-    return Response(str(make_safe(doc)), status=status, mimetype="text/xml")
+    return Response(str(doc), status=status, mimetype="text/xml")
 
 
 @_safe

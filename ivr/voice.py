@@ -68,14 +68,6 @@ def _turn() -> int | None:
     return turn if turn and turn > 0 else None
 
 
-@bp.before_app_request
-def _run_report_sender():
-    """Make sure this process sends queued reports (a forked worker starts its own)."""
-    reports = get_services().conversation.reports
-    if reports is not None:
-        reports.start()
-
-
 @bp.post("/voice")
 @twilio_webhook
 def voice(sid: str):
