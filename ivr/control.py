@@ -163,10 +163,7 @@ class StreamControl:
         self.retry_at = 0.0  # no limit is enforced again before this
         self._done_lock = threading.Lock()  # the watchdog and the relay's loops race here
         self._stop = threading.Event()
-        self._hold_lock = threading.Lock()
-        self._holding = False  # a hold line's response is in progress
         self._hold_line: str | None = None
-        self._deferred: list = []
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -193,11 +190,6 @@ class StreamControl:
 
     def on_response_done(self) -> None:
         self.last_activity = self.clock()
-        with self._hold_lock:
-            self._holding = False
-            deferred, self._deferred = self._deferred, []
-        for send in deferred:  # a tool's output that waited for the hold line
-            send()
         if self.ending_since is not None:
             self.farewell_said = True
             if not self.relay.is_speaking():
@@ -249,7 +241,7 @@ class StreamControl:
             output, action = self.control.run_tool(relay.call_sid, relay.caller, name, arguments)
         finally:
             timer.cancel()
-        duration_ms = int((time.monotonic() - began) * 1000)
+        duration_ms = round((time.monotonic() - began) * 1000)
         relay.record(
             "tool", output, name=name, arguments=arguments, call_id=call_id, duration_ms=duration_ms
         )
@@ -273,24 +265,15 @@ class StreamControl:
             self.ending_since = self.clock()
             relay.say(self.control.prompts.line("farewell"))
         else:
-            self._after_hold(lambda: relay.send_tool_output(call_id, output))
+            # If the hold line is still being said, the relay asks for the
+            # answer once that response is done (one response at a time).
+            relay.send_tool_output(call_id, output)
 
     # -- hold lines while a tool runs ---------------------------------------------------------
 
     def _say_hold(self) -> None:
-        with self._hold_lock:
-            self._holding = True
         self._hold_line = pick_line(self.control.prompts, self._hold_line)
         self._say(self._hold_line, "hold line")
-
-    def _after_hold(self, send) -> None:
-        """Send now, or once the hold line's response is done: the model refuses
-        a response.create while another response is in progress."""
-        with self._hold_lock:
-            if self._holding:
-                self._deferred.append(send)
-                return
-        send()
 
     def _claim_end(self) -> bool:
         """True for the one caller that gets to end or move the call."""
