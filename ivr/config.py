@@ -151,6 +151,7 @@ E164 = re.compile(r"\+[1-9]\d{7,14}")
 SIP_URI = re.compile(r"sips?:\S+", re.IGNORECASE)
 # A DTMF key setting with this value turns that key off (blank means the default key).
 NO_KEY = "none"
+DTMF_KEYS = frozenset("0123456789*#")  # one key each
 
 
 def is_dial_target(value: str) -> bool:
@@ -268,8 +269,6 @@ def _check(s: Settings) -> list[str]:
         )
     if s.log_format not in ("text", "json"):
         problems.append(f"LOG_FORMAT must be text or json, not {s.log_format!r}.")
-    if s.admin_password and not s.admin_user:
-        problems.append("ADMIN_USER must not be empty when ADMIN_PASSWORD is set.")
     if s.realtime_turn_detection not in ("server_vad", "semantic_vad"):
         problems.append(
             f"REALTIME_TURN_DETECTION must be server_vad or semantic_vad, "
@@ -306,7 +305,7 @@ def _check(s: Settings) -> list[str]:
         ("DTMF_TRANSFER_KEY", s.dtmf_transfer_key),
         ("DTMF_REPEAT_KEY", s.dtmf_repeat_key),
     ):
-        if key != NO_KEY and not (len(key) == 1 and key in "0123456789*#"):
+        if key != NO_KEY and key not in DTMF_KEYS:
             problems.append(f"{name} must be one key (0-9, * or #) or {NO_KEY}, not {key!r}.")
     if s.turn_max < s.hold_after:
         problems.append(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+
 import pytest
 
 from ivr import create_app
@@ -199,6 +202,12 @@ def test_an_unsigned_call_is_refused_when_the_switch_is_blank(config):
             "in silence meanwhile), not 30.",
         ),
         ("MAX_TURNS", "many", "MAX_TURNS must be a whole number, not 'many'."),
+        (
+            "LLM_DEADLINE_SECONDS",
+            "13",
+            "LLM_DEADLINE_SECONDS must be above 0 and at most 12 so the caller hears an "
+            "answer before Twilio's 15 s limit, not 13.",
+        ),
     ],
 )
 def test_a_number_out_of_range_names_the_variable_and_the_range(name, raw, sentence):
@@ -286,6 +295,7 @@ LIMITS = [
     ("CONFIDENCE_THRESHOLD", "1.01", "1"),
     ("LLM_DEADLINE_SECONDS", "0", "0.5"),
     ("LLM_DEADLINE_SECONDS", "12.5", "12"),
+    ("LLM_DEADLINE_SECONDS", "-1", "0.5"),
     ("LLM_ATTEMPT_TIMEOUT_SECONDS", "0", "0.1"),
     ("REPROMPT_LIMIT", "0", "1"),
     ("HISTORY_MAX_MESSAGES", "1", "2"),
@@ -306,8 +316,13 @@ LIMITS = [
     ("MAX_CALL_SECONDS", "0", "1"),
     ("MAX_TURNS", "0", "1"),
     ("TOOL_TIMEOUT_SECONDS", "0", "0.1"),
+    ("END_OF_CALL_RETRY_SECONDS", "0", "0.1"),
+    ("HOLD_AFTER_SECONDS", "-0.5", "0"),
+    ("HOLD_AFTER_SECONDS", "10.5", "10"),
+    ("TURN_MAX_SECONDS", "300.5", "300"),
     ("END_OF_CALL_WEBHOOK_URL", "ftp://reports.example.com", ""),
     ("DTMF_TRANSFER_KEY", "12", "#"),
+    ("DTMF_TRANSFER_KEY", "w", "9"),  # w is a pause in Twilio's sendDigits, not a key
     ("DTMF_REPEAT_KEY", "**", ""),
 ]
 
@@ -331,3 +346,92 @@ def test_reports_need_their_secret(prompts_dir):
     base = {**BASE, "PROMPTS_DIR": str(prompts_dir)}
     found = problems(**base, END_OF_CALL_WEBHOOK_URL="https://reports.example.com/calls")
     assert any("END_OF_CALL_WEBHOOK_SECRET" in problem for problem in found)
+
+
+def test_settings_cannot_change_once_loaded():
+    """Every worker thread reads the same Settings: none may alter them mid-call."""
+    settings = load_settings(environ={}, overrides=BASE)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.llm_deadline = 1.0
+
+
+@pytest.mark.parametrize(
+    "model, timeout, sent",
+    [("", "auto", "auto"), ("phone_call", "auto", "2"), ("phone_call", "3", "3"), ("", "4", "4")],
+)
+def test_speech_timeout_sent_to_twilio(model, timeout, sent):
+    """Twilio refuses speechTimeout=auto with a named speechModel: 2 s stands in for it."""
+    settings = load_settings(
+        environ={}, overrides={**BASE, "SPEECH_MODEL": model, "SPEECH_TIMEOUT": timeout}
+    )
+    assert settings.gather_speech_timeout == sent
+
+
+@pytest.mark.parametrize(
+    "hold, turn_max, refused",
+    [
+        ("0", "1", None),
+        ("0", "0.5", "TURN_MAX_SECONDS must be between 1 and 300, not 0.5."),
+        ("5", "5", None),
+        ("5", "4", "TURN_MAX_SECONDS must be at least HOLD_AFTER_SECONDS (5), not 4."),
+    ],
+)
+def test_a_turn_may_last_no_less_than_its_hold(hold, turn_max, refused):
+    env = {"HOLD_AFTER_SECONDS": hold, "TURN_MAX_SECONDS": turn_max}
+    if refused:
+        assert problems(**env) == [refused]
+    else:
+        assert load_settings(environ={}, overrides={**BASE, **env}).turn_max == float(turn_max)
+
+
+@pytest.mark.parametrize(
+    "url, ok",
+    [
+        ("redis://10.0.0.5:6379", True),
+        ("rediss://node.example.com:6380", True),
+        ("unix:///run/redis.sock", False),
+    ],
+)
+def test_a_cluster_is_named_by_one_nodes_tcp_url(url, ok):
+    env = {"REDIS_CLUSTER": "true", "REDIS_URL": url}
+    if ok:
+        assert load_settings(environ={}, overrides={**BASE, **env}).redis_cluster is True
+    else:
+        (problem,) = problems(**env)
+        assert problem.startswith("REDIS_CLUSTER=true needs REDIS_URL to name one node")
+
+
+SECRET_RULE = (
+    "END_OF_CALL_WEBHOOK_SECRET must be whsec_ followed by 24 to 64 random bytes in "
+    'base64 (Standard Webhooks), e.g. the output of: python -c "import base64, os; '
+    "print('whsec_' + base64.b64encode(os.urandom(32)).decode())\""
+)
+
+
+def _secret(size: int, padded: bool = True) -> str:
+    encoded = base64.b64encode(bytes(range(size))).decode()
+    return "whsec_" + (encoded if padded else encoded.rstrip("="))
+
+
+@pytest.mark.parametrize(
+    "secret, refused",
+    [
+        (_secret(24), None),
+        (_secret(64), None),
+        (_secret(32, padded=False), None),  # some generators leave out the = padding
+        (_secret(25, padded=False), None),
+        (_secret(23), "; it holds 23 bytes."),
+        (_secret(65), "; it holds 65 bytes."),
+        (base64.b64encode(bytes(32)).decode(), "."),  # the whsec_ prefix left out
+        ("whsec_not*base64!", "; the part after whsec_ is not base64."),
+    ],
+)
+def test_a_report_secret_is_a_standard_webhooks_secret(secret, refused):
+    env = {
+        "END_OF_CALL_WEBHOOK_URL": "https://reports.example.com/calls",
+        "END_OF_CALL_WEBHOOK_SECRET": secret,
+    }
+    if refused:
+        assert problems(**env) == [SECRET_RULE + refused]
+    else:
+        assert load_settings(environ={}, overrides={**BASE, **env}).end_of_call_webhook_secret

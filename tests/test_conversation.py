@@ -31,6 +31,7 @@ def test_low_confidence_reprompts_and_keeps_the_words_aside(call, fake_openai, r
     (unclear,) = [e for e in transcript if e["role"] == "caller_unclear"]
     assert unclear["content"] == "mumble mumble"
     assert unclear["confidence"] == 0.2
+    assert unclear["mode"] == "gather"  # the call log shows which mode heard it
     assert transcript[-1]["role"] == "agent_line"  # the reprompt, as said
     assert transcript[-1]["kind"] == "reprompt"
 
@@ -171,3 +172,39 @@ def test_a_turn_whose_first_delivery_failed_is_answered_again_at_once(
     assert spoken(parse(signed_post(call.client, action, params))) == [
         "You said: Are you open today?"
     ]
+
+
+def test_a_delivery_whose_turn_another_worker_holds_gives_up_at_the_deadline(
+    config, fake_openai, redis, prompts_dir
+):
+    """Without hold lines, a delivery of a turn that a live worker owns waits for
+    that worker's answer until the turn's deadline, then says the error line and
+    moves on to the next turn (asking the model itself would answer twice)."""
+    app = create_app({**config, "HOLD_AFTER_SECONDS": "0", "LLM_DEADLINE_SECONDS": "0.5"})
+    call = TwilioCall(app.test_client())
+    call.start()
+    assert call.gather.get("action") == "/process-speech?turn=1"
+    claim, _ = app.extensions["ivr"].store.claim_keys(call.sid, 1)
+    redis.set(claim, "a-worker-still-answering", px=60_000)
+    root = call.say("Is anyone there?")
+    assert spoken(root) == [(prompts_dir / "error.txt").read_text().strip()]
+    assert call.gather.get("action") == "/process-speech?turn=2"
+    assert fake_openai.chat_requests == []
+
+
+def test_after_a_stream_ends_the_call_goes_on_in_gather_mode_with_the_line_logged(
+    call, prompts_dir
+):
+    call.start()
+    line = (prompts_dir / "stream_fallback.txt").read_text().strip()
+    assert spoken(call.post("/stream-ended")) == [line]
+    # Turns after a stream are numbered from a fresh block, clear of earlier answers.
+    assert call.gather.get("action") == "/process-speech?turn=1001"
+    transcript = call.client.application.extensions["ivr"].store.transcript(call.sid)
+    said = {k: v for k, v in transcript[-1].items() if k != "ts"}
+    assert said == {
+        "role": "agent_line",
+        "content": line,
+        "mode": "gather",
+        "kind": "stream_fallback",
+    }

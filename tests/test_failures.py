@@ -21,7 +21,7 @@ def test_redis_down_from_the_start_still_answers(config, fake_openai, prompts_di
     assert health.get_json() == {"status": "degraded", "redis": "unreachable"}
 
 
-def test_redis_lost_mid_call_still_answers(config, fake_openai):
+def test_redis_lost_mid_call_still_answers(config, fake_openai, caplog):
     healthy = create_app(config).test_client()
     broken = create_app({**config, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
     call = TwilioCall(healthy)
@@ -30,6 +30,10 @@ def test_redis_lost_mid_call_still_answers(config, fake_openai):
     call.client = broken.test_client()
     assert spoken(call.say("second")) == ["You said: second"]
     assert call.gather.get("action") == "/process-speech?turn=3"
+    # The operator finds the call the failure hit from the log line alone.
+    failures = [r.getMessage() for r in caplog.records if "Redis failed" in r.getMessage()]
+    assert failures
+    assert all(f"call {call.sid}:" in message for message in failures)
 
 
 def test_an_unexpected_error_becomes_a_spoken_apology(call, prompts_dir):
