@@ -44,7 +44,14 @@ ROOT = Path(__file__).resolve().parent.parent
 TESTS = {
     "security": ["tests/test_security.py"],
     "config": ["tests/test_config.py"],
-    "conversation": ["tests/test_conversation.py", "tests/test_failures.py"],
+    # the Gather turn: its failures, the keys and tools that end or move it
+    "conversation": [
+        "tests/test_conversation.py",
+        "tests/test_failures.py",
+        "tests/test_voice.py",
+        "tests/test_transfer.py",
+        "tests/test_tools.py",
+    ],
     "llm": ["tests/test_llm.py"],
     "calls": ["tests/test_calls.py"],
     "report": ["tests/test_report.py"],
@@ -101,7 +108,7 @@ def main() -> int:
         "--timeout",
         type=float,
         default=None,
-        help="seconds a mutant's test run may take (default: 3x the unmutated run + 30)",
+        help="seconds a mutant's test run may take (default: 2x the unmutated run + 15)",
     )
     args = parser.parse_args()
     if args.list:
@@ -136,7 +143,7 @@ def run_module(module: str, workers: int, timeout: float | None) -> tuple[int, i
         started = time.monotonic()
         covered = _baseline(base, target, tests, env)
         took = time.monotonic() - started
-        limit = timeout if timeout is not None else 3 * took + 30
+        limit = timeout if timeout is not None else 2 * took + 15
         original = (base / target).read_text()
         mutants = _mutants(base, target, original, timeout=limit, env=env)
         for mutant in mutants:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import threading
 
-from ivr import create_app
+import pytest
+
+from ivr import calllog, create_app
+from ivr.report import DUE
 
 from .fakes.openai_server import Reply
 from .twilio_sim import TwilioCall, parse, signed_post, spoken
@@ -96,11 +100,16 @@ def test_a_repeated_delivery_replays_the_stored_answer(call, fake_openai, redis)
     assert roles == ["assistant", "user", "assistant"]
 
 
-def test_a_retry_during_the_first_delivery_waits_for_its_answer(call, fake_openai):
+@pytest.mark.parametrize("hold_after", ["1", "0"])  # with hold lines, and without
+def test_a_retry_during_the_first_delivery_waits_for_its_answer(config, fake_openai, hold_after):
+    """The retry hears the first delivery's answer, not a hold line or the error
+    line: it looks for it every REPLAY_POLL_SECONDS until HOLD_AFTER_SECONDS (or,
+    without hold lines, the turn's deadline)."""
+    call = TwilioCall(create_app({**config, "HOLD_AFTER_SECONDS": hold_after}).test_client())
     call.start()
     action = call.gather.get("action")
     params = call.params(SpeechResult="slow question", Confidence="0.9")
-    fake_openai.queue(Reply("a slow answer", delay=0.5))
+    fake_openai.queue(Reply("a slow answer", delay=0.3))
     results = {}
 
     def deliver(name):
@@ -155,9 +164,11 @@ def test_every_fallback_gather_is_numbered(call, fake_openai):
     assert spoken(root)
 
 
+@pytest.mark.parametrize("hold_after", ["1.5", "0"])
 def test_a_turn_whose_first_delivery_failed_is_answered_again_at_once(
-    call, fake_openai, prompts_dir
+    config, fake_openai, prompts_dir, hold_after
 ):
+    call = TwilioCall(create_app({**config, "HOLD_AFTER_SECONDS": hold_after}).test_client())
     call.start()
     action = call.gather.get("action")
     params = call.params(SpeechResult="Are you open today?", Confidence="0.9")
@@ -183,13 +194,14 @@ def test_a_delivery_whose_turn_another_worker_holds_gives_up_at_the_deadline(
     app = create_app({**config, "HOLD_AFTER_SECONDS": "0", "LLM_DEADLINE_SECONDS": "0.5"})
     call = TwilioCall(app.test_client())
     call.start()
-    assert call.gather.get("action") == "/process-speech?turn=1"
-    claim, _ = app.extensions["ivr"].store.claim_keys(call.sid, 1)
+    call.say("Hello?")
+    assert call.gather.get("action") == "/process-speech?turn=2"
+    claim, _ = app.extensions["ivr"].store.claim_keys(call.sid, 2)
     redis.set(claim, "a-worker-still-answering", px=60_000)
     root = call.say("Is anyone there?")
     assert spoken(root) == [(prompts_dir / "error.txt").read_text().strip()]
-    assert call.gather.get("action") == "/process-speech?turn=2"
-    assert fake_openai.chat_requests == []
+    assert call.gather.get("action") == "/process-speech?turn=3"
+    assert len(fake_openai.chat_requests) == 1  # the first turn's only
 
 
 def test_after_a_stream_ends_the_call_goes_on_in_gather_mode_with_the_line_logged(
@@ -208,3 +220,53 @@ def test_after_a_stream_ends_the_call_goes_on_in_gather_mode_with_the_line_logge
         "mode": "gather",
         "kind": "stream_fallback",
     }
+
+
+def test_without_hold_lines_a_turn_is_answered_inside_its_deadline(
+    config, fake_openai, prompts_dir
+):
+    call = TwilioCall(
+        create_app(
+            {**config, "HOLD_AFTER_SECONDS": "0", "LLM_DEADLINE_SECONDS": "1.5"}
+        ).test_client()
+    )
+    call.start()
+    assert spoken(call.say("Quick one?")) == ["You said: Quick one?"]
+    fake_openai.queue(Reply("too late", delay=3))  # past LLM_DEADLINE_SECONDS
+    assert spoken(call.say("Slow one?")) == [(prompts_dir / "error.txt").read_text().strip()]
+    assert call.gather.get("action") == "/process-speech?turn=3"
+
+
+def test_turn_wait_without_a_turn_says_the_error_line(call, prompts_dir):
+    call.start()
+    root = call.post("/turn-wait")
+    assert spoken(root) == [(prompts_dir / "error.txt").read_text().strip()]
+
+
+def test_a_new_call_is_listed_in_the_call_log_once(call, redis):
+    call.start()
+    listed = redis.zscore(calllog.INDEX_KEY, call.sid)
+    assert listed is not None
+    call.start()  # Twilio retried /voice
+    assert redis.zscore(calllog.INDEX_KEY, call.sid) == listed
+    assert redis.zcard(calllog.INDEX_KEY) == 1
+
+
+def test_the_end_of_a_call_queues_its_report_once(config, redis):
+    secret = "whsec_" + base64.b64encode(bytes(32)).decode()
+    app = create_app(
+        {
+            **config,
+            "END_OF_CALL_WEBHOOK_URL": "https://reports.example.com/calls",
+            "END_OF_CALL_WEBHOOK_SECRET": secret,
+            "END_OF_CALL_RETRY_SECONDS": "600",  # no attempt during the test
+        }
+    )
+    call = TwilioCall(app.test_client())
+    call.start()
+    assert call.hang_up().status_code == 204
+    due = redis.zscore(DUE, call.sid)
+    assert due is not None
+    assert call.hang_up().status_code == 204  # a repeated status callback
+    assert redis.zscore(DUE, call.sid) == due
+    assert app.extensions["ivr"].store.is_reported(call.sid)

@@ -63,3 +63,19 @@ def test_a_status_callback_that_cannot_be_recorded_asks_twilio_to_retry(config):
     call = TwilioCall(app.test_client())
     call.start()
     assert call.hang_up().status_code == 503
+
+
+def test_with_redis_down_the_keys_and_the_reprompt_still_answer(config, prompts_dir):
+    """With no record to read, the repeat key falls back to the reprompt line, and
+    a caller is never hung up on for silences the agent could not count."""
+    app = create_app(
+        {**config, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "REPROMPT_LIMIT": "1"}
+    )
+    call = TwilioCall(app.test_client())
+    call.start()
+    reprompt = (prompts_dir / "reprompt.txt").read_text().strip()
+    assert spoken(call.post_action(Digits="*")) == [reprompt]
+    for _ in range(2):
+        root = call.silence()
+        assert spoken(root) == [reprompt]
+        assert root.find("Hangup") is None

@@ -84,8 +84,11 @@ def test_the_request_carries_model_and_token_cap(responder, fake_openai):
 
 
 def test_when_the_llm_fails_the_caller_hears_the_error_line_and_keeps_talking(
-    call, fake_openai, prompts_dir
+    config, fake_openai, prompts_dir
 ):
+    # Retries go on for LLM_DEADLINE_SECONDS, past HOLD_AFTER_SECONDS.
+    app = create_app({**config, "LLM_DEADLINE_SECONDS": "1", "HOLD_AFTER_SECONDS": "0.5"})
+    call = TwilioCall(app.test_client())
     call.start()
     fake_openai.queue(*[Fail(500) for _ in range(20)])
     call.say("Are you there?")
@@ -100,7 +103,14 @@ def test_when_the_llm_fails_the_caller_hears_the_error_line_and_keeps_talking(
 
 
 def test_an_unreachable_llm_gives_the_error_line(config, prompts_dir):
-    app = create_app({**config, "OPENAI_BASE_URL": f"http://127.0.0.1:{free_port()}/v1"})
+    app = create_app(
+        {
+            **config,
+            "OPENAI_BASE_URL": f"http://127.0.0.1:{free_port()}/v1",
+            "LLM_DEADLINE_SECONDS": "1",
+            "HOLD_AFTER_SECONDS": "0.5",
+        }
+    )
     call = TwilioCall(app.test_client())
     call.start()
     call.say("Hello?")
