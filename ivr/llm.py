@@ -31,9 +31,14 @@ MAX_TOOL_ROUNDS = 3  # model -> tools -> model ... before it must answer in word
 
 # Below this, an attempt cannot finish: TLS set-up alone takes a good part of it.
 MIN_ATTEMPT_SECONDS = 0.3
+# A retry is planned to start with this much more than MIN_ATTEMPT_SECONDS left:
+# the pause and the way into the next attempt overrun it a little, and a pause
+# cut to leave exactly the minimum made an attempt that was then refused.
+RETRY_SLACK_SECONDS = 0.05
 RETRYABLE_STATUS = {408, 409, 429}
 
-_backoff = wait_exponential(multiplier=0.2, max=2.0) + wait_random(0, 0.2)
+# 0.2 s, 0.4 s, 0.8 s ... at most 2 s, each plus up to 0.2 s of jitter.
+BACKOFF = wait_exponential(multiplier=0.2, max=2.0) + wait_random(0, 0.2)
 
 
 class LLMUnavailable(Exception):
@@ -166,15 +171,18 @@ class Responder:
     ) -> dict:
         """One chat completion (the assistant message as a dict), with retries."""
 
+        needed = MIN_ATTEMPT_SECONDS + RETRY_SLACK_SECONDS  # by a retry, after its pause
+
         def stop(state: RetryCallState) -> bool:
             left = min(deadline, retry_until) - time.monotonic()
             wanted = retry_after_seconds(state.outcome.exception()) or 0.0
-            return left - wanted < MIN_ATTEMPT_SECONDS
+            return left - wanted < needed
 
         def wait(state: RetryCallState) -> float:
             wanted = retry_after_seconds(state.outcome.exception())
-            pause = wanted if wanted is not None else _backoff(state)
-            return max(0.0, min(pause, deadline - time.monotonic() - MIN_ATTEMPT_SECONDS))
+            pause = wanted if wanted is not None else BACKOFF(state)
+            # A backoff longer than the turn allows is cut so one more attempt fits.
+            return max(0.0, min(pause, deadline - time.monotonic() - needed))
 
         retrying = Retrying(
             retry=retry_if_exception(is_retryable),

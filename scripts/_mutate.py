@@ -52,7 +52,7 @@ TESTS = {
         "tests/test_transfer.py",
         "tests/test_tools.py",
     ],
-    "llm": ["tests/test_llm.py"],
+    "llm": ["tests/test_llm.py", "tests/test_tools.py"],  # the turn loop runs the tools
     "calls": ["tests/test_calls.py"],
     "report": ["tests/test_report.py"],
     "playback": ["tests/test_relay.py"],

@@ -6,10 +6,11 @@ import time
 
 import openai
 import pytest
+from tenacity import RetryCallState
 
-from ivr import create_app
+from ivr import calllog, create_app, metrics
 from ivr.config import Settings
-from ivr.llm import MAX_TOOL_ROUNDS, LLMUnavailable, Responder
+from ivr.llm import BACKOFF, MAX_TOOL_ROUNDS, LLMUnavailable, Responder, is_retryable
 from ivr.tools import ToolCall, registry
 
 from .fakes.openai_server import CallTool, Fail, Hang, RawMessage, Reply
@@ -51,11 +52,39 @@ def test_retry_after_is_honoured(responder, fake_openai):
     assert time.monotonic() - started >= 0.6
 
 
-def test_retry_after_beyond_the_deadline_gives_up_at_once(responder, fake_openai):
-    fake_openai.queue(Fail(429, headers={"Retry-After": "30"}), Reply("too late"))
+def test_retry_after_ms_is_honoured(responder, fake_openai):
+    """OpenAI's own header, in milliseconds, wins over Retry-After's seconds."""
+    fake_openai.queue(
+        Fail(429, headers={"retry-after-ms": "400", "Retry-After": "30"}), Reply("after 0.4 s")
+    )
+    started = time.monotonic()
+    assert ask(responder) == "after 0.4 s"
+    assert time.monotonic() - started >= 0.4
+    assert len(fake_openai.chat_requests) == 2
+
+
+@pytest.mark.parametrize("header", [{"Retry-After": "30"}, {"retry-after-ms": "30000"}])
+def test_retry_after_beyond_the_deadline_gives_up_at_once(responder, fake_openai, header):
+    fake_openai.queue(Fail(429, headers=header), Reply("too late"))
+    started = time.monotonic()
     with pytest.raises(LLMUnavailable):
         ask(responder, budget=2.0)
     assert len(fake_openai.chat_requests) == 1
+    assert time.monotonic() - started < 1.5  # not a sleep until the deadline
+
+
+def test_a_retry_after_date_falls_back_to_the_backoff(responder, fake_openai):
+    fake_openai.queue(
+        Fail(503, headers={"Retry-After": "Sat, 21 Nov 2026 20:00:00 GMT"}), Reply("backed off")
+    )
+    assert ask(responder) == "backed off"
+    assert len(fake_openai.chat_requests) == 2
+
+
+def test_only_api_failures_are_retried():
+    """A bug of ours (any other exception) ends the turn instead of repeating it."""
+    assert not is_retryable(ValueError("a bug"))
+    assert not is_retryable(LLMUnavailable("the turn's deadline passed"))
 
 
 def test_a_hung_attempt_times_out_and_the_next_one_answers(responder, fake_openai):
@@ -145,6 +174,65 @@ def test_retries_back_off_exponentially(responder, fake_openai):
     assert ask(responder, budget=3.0) == "third time"
     assert time.monotonic() - started >= 0.6
     assert len(fake_openai.chat_requests) == 3
+
+
+@pytest.mark.parametrize(
+    "attempt, base", [(1, 0.2), (2, 0.4), (3, 0.8), (4, 1.6), (5, 2.0), (8, 2.0)]
+)
+def test_the_backoff_doubles_from_0_2_s_to_at_most_2_s_plus_jitter(attempt, base):
+    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
+    state.attempt_number = attempt
+    pauses = [BACKOFF(state) for _ in range(200)]
+    assert all(base <= pause <= base + 0.2 for pause in pauses)
+    assert max(pauses) - min(pauses) > 0.05  # jittered, so callers do not retry in step
+
+
+def test_a_backoff_longer_than_the_turn_allows_is_cut_so_one_more_attempt_fits(
+    responder, fake_openai
+):
+    # Pauses of 0.2 s and 0.4 s (plus jitter), then 0.8 s would pass the deadline:
+    # it is cut short and the fourth attempt still has its minimum time.
+    fake_openai.queue(Fail(500), Fail(500), Fail(500), Reply("just in time"))
+    assert ask(responder, budget=1.2) == "just in time"
+    assert len(fake_openai.chat_requests) == 4
+
+
+def test_a_failure_is_retried_while_an_attempt_still_fits(responder, fake_openai):
+    fake_openai.queue(Fail(500), Reply("second try"))
+    assert ask(responder, budget=0.9) == "second try"
+
+
+def test_retries_stop_at_the_retry_window_not_the_far_deadline(responder, fake_openai):
+    """A held turn's deadline is TURN_MAX_SECONDS away; a failing model is retried
+    only for its retry window (LLM_DEADLINE_SECONDS), not until then."""
+    responder.retry_window = 1.0
+    fake_openai.queue(*[Fail(500) for _ in range(20)])
+    with pytest.raises(LLMUnavailable):
+        ask(responder, budget=10.0)
+    # Attempts at about 0 s, 0.3 s and 0.8 s; the next would start past 1 s.
+    assert 2 <= len(fake_openai.chat_requests) <= 4
+
+
+def test_attempts_are_counted_and_timed_for_the_call_log_and_metrics(responder, fake_openai):
+    counted = {r: metrics.LLM_ATTEMPTS.labels(r)._value.get() for r in ("ok", "retryable")}
+    stats = calllog.begin_turn(time.monotonic())
+    fake_openai.queue(Fail(500, delay=0.2), Reply("timed", delay=0.2))
+    assert ask(responder) == "timed"
+    assert stats.attempts == 2
+    # Both attempts' own time, not the pause between them (0.2 s to 0.4 s).
+    assert 0.4 <= stats.llm_seconds < 0.9
+    for result in ("ok", "retryable"):
+        assert metrics.LLM_ATTEMPTS.labels(result)._value.get() == counted[result] + 1
+
+
+def test_words_said_with_a_tool_call_stay_in_the_history(responder, fake_openai):
+    fake_openai.queue(CallTool("no_such_tool", content="One moment."), Reply("Done."))
+    reply, _ = _reply_with_tools(responder)
+    assert reply.text == "Done."
+    asked = fake_openai.chat_requests[1]["messages"][-2]
+    assert asked["role"] == "assistant"
+    assert asked["content"] == "One moment."
+    assert asked["tool_calls"][0]["function"]["name"] == "no_such_tool"
 
 
 def _reply_with_tools(responder, budget=3.0):
