@@ -423,7 +423,8 @@ def _secret(size: int, padded: bool = True) -> str:
         (_secret(23), "; it holds 23 bytes."),
         (_secret(65), "; it holds 65 bytes."),
         (base64.b64encode(bytes(32)).decode(), "."),  # the whsec_ prefix left out
-        ("whsec_not*base64!", "; the part after whsec_ is not base64."),
+        # a character mistyped into a good secret: refused, not silently dropped
+        (_secret(32)[:20] + "*" + _secret(32)[20:], "; the part after whsec_ is not base64."),
     ],
 )
 def test_a_report_secret_is_a_standard_webhooks_secret(secret, refused):

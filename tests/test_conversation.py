@@ -232,7 +232,7 @@ def test_without_hold_lines_a_turn_is_answered_inside_its_deadline(
     )
     call.start()
     assert spoken(call.say("Quick one?")) == ["You said: Quick one?"]
-    fake_openai.queue(Reply("too late", delay=3))  # past LLM_DEADLINE_SECONDS
+    fake_openai.queue(*[Reply("too late", delay=3) for _ in range(3)])  # every attempt
     assert spoken(call.say("Slow one?")) == [(prompts_dir / "error.txt").read_text().strip()]
     assert call.gather.get("action") == "/process-speech?turn=3"
 
