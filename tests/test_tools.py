@@ -67,6 +67,11 @@ def test_end_call_says_farewell_and_hangs_up(call, fake_openai, prompts_dir, red
     assert [child.tag for child in root] == ["Say", "Hangup"]
     assert spoken(root) == [(prompts_dir / "farewell.txt").read_text().strip()]
     assert redis.hget(f"ivr:{{{call.sid}}}:meta", "end_reason") == b"ended-by-agent"
+    # The transcript shows what the caller heard: the tool exchange, then the line.
+    transcript = call.client.application.extensions["ivr"].store.transcript(call.sid)
+    assert [e["role"] for e in transcript[-3:]] == ["assistant", "tool", "agent_line"]
+    assert transcript[-1]["kind"] == "end"
+    assert transcript[-1]["content"] == spoken(root)[0]
 
 
 def test_a_tool_result_goes_back_to_the_model_and_stays_in_the_history(
@@ -136,11 +141,13 @@ def test_zero_transfers_to_a_human_when_a_number_is_set(call_with_tools, fake_op
     assert fake_openai.chat_requests == []
 
 
-def test_zero_without_a_number_goes_to_the_model(call, fake_openai):
+@pytest.mark.parametrize("key", ["0", "#", "7"])
+def test_keys_without_a_job_go_to_the_model(call, fake_openai, key):
+    """0 without TRANSFER_NUMBER, and any key but 0 and *, is the caller's to say."""
     call.start()
-    call.post_action(Digits="0")
+    call.post_action(Digits=key)
     assert fake_openai.chat_requests[-1]["messages"][-1]["content"] == (
-        "(The caller pressed 0 on the keypad.)"
+        f"(The caller pressed {key} on the keypad.)"
     )
 
 
