@@ -408,8 +408,8 @@ SECRET_RULE = (
 )
 
 
-def _secret(size: int, padded: bool = True) -> str:
-    encoded = base64.b64encode(bytes(range(size))).decode()
+def _secret(size: int, padded: bool = True, first: int = 0) -> str:
+    encoded = base64.b64encode(bytes([first, *range(1, size)])).decode()
     return "whsec_" + (encoded if padded else encoded.rstrip("="))
 
 
@@ -420,6 +420,7 @@ def _secret(size: int, padded: bool = True) -> str:
         (_secret(64), None),
         (_secret(32, padded=False), None),  # some generators leave out the = padding
         (_secret(25, padded=False), None),
+        (_secret(32, first=0xCF), None),  # its base64 starts with z, after "whsec_" in order
         (_secret(23), "; it holds 23 bytes."),
         (_secret(65), "; it holds 65 bytes."),
         (base64.b64encode(bytes(32)).decode(), "."),  # the whsec_ prefix left out
