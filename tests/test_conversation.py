@@ -195,13 +195,14 @@ def test_a_delivery_whose_turn_another_worker_holds_gives_up_at_the_deadline(
     call = TwilioCall(app.test_client())
     call.start()
     call.say("Hello?")
-    assert call.gather.get("action") == "/process-speech?turn=2"
-    claim, _ = app.extensions["ivr"].store.claim_keys(call.sid, 2)
+    call.say("Still there?")
+    assert call.gather.get("action") == "/process-speech?turn=3"
+    claim, _ = app.extensions["ivr"].store.claim_keys(call.sid, 3)
     redis.set(claim, "a-worker-still-answering", px=60_000)
     root = call.say("Is anyone there?")
     assert spoken(root) == [(prompts_dir / "error.txt").read_text().strip()]
-    assert call.gather.get("action") == "/process-speech?turn=3"
-    assert len(fake_openai.chat_requests) == 1  # the first turn's only
+    assert call.gather.get("action") == "/process-speech?turn=4"
+    assert len(fake_openai.chat_requests) == 2  # the earlier turns' only
 
 
 def test_after_a_stream_ends_the_call_goes_on_in_gather_mode_with_the_line_logged(

@@ -141,6 +141,26 @@ def test_zero_transfers_to_a_human_when_a_number_is_set(call_with_tools, fake_op
     assert fake_openai.chat_requests == []
 
 
+@pytest.mark.parametrize("key", ["#", "7"])
+def test_with_a_transfer_number_only_its_key_transfers(call_with_tools, fake_openai, key):
+    call = call_with_tools
+    call.start()
+    root = call.post_action(Digits=key)
+    assert root.find("Dial") is None
+    assert fake_openai.chat_requests[-1]["messages"][-1]["content"] == (
+        f"(The caller pressed {key} on the keypad.)"
+    )
+
+
+def test_with_a_transfer_number_star_still_repeats(call_with_tools, fake_openai):
+    call = call_with_tools
+    call.start()
+    call.say("What are your hours?")
+    root = call.post_action(Digits="*")
+    assert root.find("Dial") is None
+    assert spoken(root) == ["You said: What are your hours?"]
+
+
 @pytest.mark.parametrize("key", ["0", "#", "7"])
 def test_keys_without_a_job_go_to_the_model(call, fake_openai, key):
     """0 without TRANSFER_NUMBER, and any key but 0 and *, is the caller's to say."""
