@@ -28,8 +28,9 @@ def check_credentials() -> Response | None:
     """None when the request carries the admin's credentials, else the 401 to send."""
     settings = get_services().settings
     auth = request.authorization
-    given_user = (auth.username or "") if auth and auth.type == "basic" else ""
-    given_password = (auth.password or "") if auth and auth.type == "basic" else ""
+    # Only Basic carries a password: any other scheme (Bearer, Digest) has none and fails.
+    given_user = (auth.username or "") if auth else ""
+    given_password = (auth.password or "") if auth else ""
     # Both compared, always, in constant time: no timing tells which one was wrong.
     user_ok = hmac.compare_digest(given_user.encode(), settings.admin_user.encode())
     password_ok = hmac.compare_digest(given_password.encode(), settings.admin_password.encode())
