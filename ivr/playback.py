@@ -66,8 +66,6 @@ class Playback:
             while True:
                 mark, (item, end) = pending.popitem(last=False)
                 item.acked_bytes, item.acked_at = end, now
-                if item.started_at is None:
-                    item.started_at = now
                 item.marks -= 1
                 if not item.marks:
                     del self._items[item.item_id]  # all of it heard

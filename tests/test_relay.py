@@ -229,6 +229,34 @@ def test_heard_audio_is_interpolated_between_marks_and_capped():
     assert fresh.heard_ms("i2", 5.04) == 40  # no mark back yet: time since the first audio
 
 
+def test_heard_audio_runs_at_twilios_8_bytes_per_ms():
+    playback = Playback()
+    playback.sent("i1", 40_000, now=5.0)  # 5 s of mu-law
+    assert playback.heard_ms("i1", 9.0) == 4000
+
+
+def test_an_item_heard_to_its_end_is_forgotten():
+    """Nothing of it is left to cut on a barge-in, and a long call keeps no record of it."""
+    playback = Playback()
+    first = playback.sent("i1", 800, now=0.0)
+    last = playback.sent("i1", 800, now=0.0)
+    playback.acked(first, now=0.1)
+    assert playback.heard_ms("i1", 0.15) == 150
+    assert playback.acked(last, now=0.2)
+    assert playback.heard_ms("i1", 0.25) == 0
+
+
+def test_marks_past_the_ninth_keep_the_order_they_were_sent_in():
+    """m10 comes after m9, not after m1: an echo settles every mark sent before it."""
+    playback = Playback()
+    marks = [playback.sent("i1", 160, now=0.0) for _ in range(12)]  # 20 ms each
+    assert not playback.acked(marks[9], now=0.2)  # m10: m1 to m10 have played
+    assert playback.heard_ms("i1", 0.2) == 200
+    assert not playback.acked(marks[10], now=0.22)
+    assert playback.acked(marks[11], now=0.24)
+    assert not playback.speaking
+
+
 def test_an_item_queued_behind_another_starts_when_the_first_has_played():
     playback = Playback()
     playback.sent("i1", 800, now=0.0)
