@@ -104,8 +104,9 @@ def test_pages_and_metrics_do_not_exist_without_an_admin_password(client):
         {"Authorization": "Basic " + base64.b64encode(b"admin:wrong").decode()},
         {"Authorization": "Basic " + base64.b64encode(f"root:{PASSWORD}".encode()).decode()},
         {"Authorization": "Bearer " + PASSWORD},
-        # Digest names the user but carries no password: only Basic credentials count.
-        {"Authorization": f'Digest username="admin", realm="ivr", response="{PASSWORD}"'},
+        # The right user and password, but not in Basic: only Basic credentials count.
+        {"Authorization": f'Digest username="admin", password="{PASSWORD}"'},
+        {"Authorization": f'Auth username="admin", password="{PASSWORD}"'},
     ],
 )
 def test_without_the_credentials_every_route_asks_for_them(web, headers):

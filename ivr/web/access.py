@@ -28,9 +28,11 @@ def check_credentials() -> Response | None:
     """None when the request carries the admin's credentials, else the 401 to send."""
     settings = get_services().settings
     auth = request.authorization
-    # Only Basic carries a password: any other scheme (Bearer, Digest) has none and fails.
-    given_user = (auth.username or "") if auth else ""
-    given_password = (auth.password or "") if auth else ""
+    # Only Basic credentials count: werkzeug reads username and password parameters
+    # from any scheme, so `Digest username="admin", password="..."` must not pass.
+    basic = auth is not None and auth.type == "basic"
+    given_user = (auth.username or "") if basic else ""
+    given_password = (auth.password or "") if basic else ""
     # Both compared, always, in constant time: no timing tells which one was wrong.
     user_ok = hmac.compare_digest(given_user.encode(), settings.admin_user.encode())
     password_ok = hmac.compare_digest(given_password.encode(), settings.admin_password.encode())
