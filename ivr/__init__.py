@@ -14,6 +14,10 @@ from .config import ConfigError
 from .services import build_services
 from .startup import load_checked
 
+# The one place the version is written: pyproject.toml reads it (dynamic version), and
+# `ivr --version` prints it whether or not the package was installed.
+__version__ = "0.1.0"
+
 log = logging.getLogger("ivr")
 
 

@@ -7,8 +7,8 @@ import json
 import os
 import sys
 from datetime import UTC, datetime
-from importlib import metadata
 
+from . import __version__
 from .envfile import load_env_file
 from .simulator import INPUT_HELP, Simulator, TwilioWouldFail, in_process, over_http
 
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     call = commands.add_parser(
@@ -119,13 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)  # end the line the ^C was typed on
         return INTERRUPTED
-
-
-def _version() -> str:
-    try:
-        return metadata.version("twilio-llm-ivr")
-    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
-        return "(not installed)"
 
 
 def _fail(message: str, code: int = USAGE) -> int:
