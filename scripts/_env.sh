@@ -26,6 +26,10 @@ install_locked() {
         .venv/bin/python -m pip install --no-index --find-links .venv/wheels --no-deps -e .
 }
 
+# The locks are written so that the pip a Python bundles accepts them (scripts/lock keeps
+# the dev lock's extras for pip before 24), rather than upgrading pip first: the platform
+# installs requirements.txt with a pip we do not choose, so a lock only a newer pip takes
+# would pass here and fail there. The tests install both locks with the bundled pip.
 ensure_venv() {
     if [ ! -x .venv/bin/python ]; then
         "$(pick_python)" -m venv .venv
@@ -35,6 +39,8 @@ ensure_venv() {
     if [ ! -f "$stamp" ] || [ requirements-dev.txt -nt "$stamp" ] ||
         [ requirements.txt -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
         echo "Installing into .venv (first run, or a lock changed)..." >&2
+        # Which pip did the install: the dev lock then brings .venv's pip to its own pin.
+        .venv/bin/python -m pip --version | cut -d' ' -f1,2 >.venv/.installed-with
         # Install chatter goes to a log; it is shown only if the install fails.
         # Download first, every time a lock changed: an offline install can
         # succeed on what .venv already has, and leave .venv/wheels without a
@@ -47,4 +53,12 @@ ensure_venv() {
         fi
         touch "$stamp"
     fi
+}
+
+# One line for the log: the Python the tests run on and the pip that installed the locks.
+describe_venv() {
+    local python installer
+    python=$(.venv/bin/python -c 'import platform, sys; print(f"Python {platform.python_version()} ({sys._base_executable})")')
+    installer=$(cat .venv/.installed-with 2>/dev/null || echo "an unrecorded pip")
+    echo "$python; the locks were installed with $installer; $(.venv/bin/python -m pip --version | cut -d' ' -f1,2) now"
 }

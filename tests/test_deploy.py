@@ -11,6 +11,7 @@ These tests are marked `deploy`: `scripts/test -m "not deploy"` skips them.
 
 from __future__ import annotations
 
+import ensurepip
 import json
 import os
 import re
@@ -70,15 +71,28 @@ def built(tmp_path_factory) -> tuple[Path, Path]:
         shutil.copy2(ROOT / name, app_root / name)
     # A developer's .env, as the Quickstart makes it: blank values everywhere.
     shutil.copy(app_root / ".env.example", app_root / ".env")
-    venv = base / "venv"
-    _run([sys.executable, "-m", "venv", str(venv)], check=True)
-    source = ["--no-index", "--find-links", str(WHEELHOUSE)] if any(WHEELHOUSE.glob("*")) else []
+    venv = _bundled_pip_venv(base / "venv")
     installed = _run(
-        [venv / "bin" / "python", "-m", "pip", "install", *source, "-r", "requirements.txt"],
+        [venv / "bin" / "python", "-m", "pip", "install", *_SOURCE, "-r", "requirements.txt"],
         cwd=app_root,
     )
     assert installed.returncode == 0, installed.stdout[-3000:] + installed.stderr[-3000:]
     return app_root, venv / "bin"
+
+
+_SOURCE = ["--no-index", "--find-links", str(WHEELHOUSE)] if any(WHEELHOUSE.glob("*")) else []
+
+
+def _bundled_pip_venv(path: Path) -> Path:
+    """A fresh virtualenv with the pip this Python bundles, as a new machine has it.
+
+    `python -m venv` installs ensurepip's wheel, never an upgraded pip; the check
+    below keeps it so (an upgraded pip once hid a lock the bundled one refuses).
+    """
+    _run([sys.executable, "-m", "venv", str(path)], check=True)
+    shown = _run([path / "bin" / "python", "-m", "pip", "--version"], check=True).stdout
+    assert shown.startswith(f"pip {ensurepip.version()} "), shown
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +213,31 @@ def test_ivr_call_url_and_the_installed_transcript(web, built, platform_env, fak
     assert shown.returncode == 0, shown.stderr
     assert "caller: My name is Ada." in shown.stdout
     assert "agent: You said: What is my name?" in shown.stdout
+
+
+def test_the_dev_lock_installs_with_the_bundled_pip(tmp_path):
+    """What scripts/test installs on a new machine, before anything upgrades its pip."""
+    venv = _bundled_pip_venv(tmp_path / "venv")
+    # With the index, not offline: the fault this catches (a package asking for
+    # `coverage[toml]` against a lock that pins plain `coverage`) shows only when the
+    # resolver can see versions other than the locked ones. The wheels are a cache.
+    resolved = _run(
+        [venv / "bin" / "python", "-m", "pip", "install", "--dry-run", "--quiet",
+         "--find-links", str(WHEELHOUSE), "-r", "requirements-dev.txt"],
+        cwd=ROOT,
+    )  # fmt: skip
+    assert resolved.returncode == 0, resolved.stdout[-3000:] + resolved.stderr[-3000:]
+
+
+def test_the_production_install_knows_its_version(built, platform_env):
+    """The app runs from its root, not installed: the version still comes from the code."""
+    from importlib.metadata import version
+
+    app_root, bin_dir = built
+    shown = _run([bin_dir / "python", "-m", "ivr", "--version"], cwd=app_root, env=platform_env)
+    assert shown.returncode == 0, shown.stderr
+    # The same number `pip show` gives for the project installed from pyproject.toml.
+    assert shown.stdout.strip() == f"ivr {version('twilio-llm-ivr')}"
 
 
 def test_ivr_check_from_the_app_root(web, built, platform_env):
