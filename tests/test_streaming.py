@@ -166,14 +166,14 @@ def test_an_unreachable_model_closes_the_stream_so_gather_takes_over(
     media_started = time.monotonic()
     assert media.wait_closed(timeout=5)
     assert media.closed_at - media_started < 3  # within the 1 s budget, plus slack
-    assert int(redis.get("ivr:stream:failures")) == 1
+    assert wait_for(lambda: redis.get("ivr:stream:failures") == b"1", timeout=5)
 
 
 def test_a_model_dropping_mid_call_closes_the_stream(live, fake_openai, redis):
     fake_openai.realtime.drop_after_seconds = 0.5
     media = open_stream(live)
     assert media.wait_closed(timeout=5)
-    assert int(redis.get("ivr:stream:failures")) == 1
+    assert wait_for(lambda: redis.get("ivr:stream:failures") == b"1", timeout=5)
 
 
 def test_fallback_continues_in_gather_mode_with_the_whole_history(live, fake_openai, prompts_dir):
