@@ -8,8 +8,10 @@ requires (`request_response`).
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
+import threading
 
 from .twilio_side import _field
 
@@ -23,6 +25,18 @@ AUDIO_DELTA_WITHIN = 96
 
 class ModelEvents:
     """Relay's handling of the model's events (a mixin of `Relay`, whose state it uses)."""
+
+    def _init_responses(self) -> None:
+        """One response at a time, as the service requires: a response.create
+        while one is requested or active waits in the queue, and one the service
+        refused (a response of its own started first) is asked for again."""
+        self._response = "idle"  # idle -> requested (by us) -> active -> idle
+        self._response_lock = threading.Lock()
+        self._queued: collections.deque[tuple[str, str]] = collections.deque()  # (event_id, it)
+        # Our response.create not yet started or refused: one at most, since the
+        # next is sent only once the response is idle again.
+        self._in_flight: tuple[str, str] | None = None
+        self._request_seq = 0
 
     def _read_model(self) -> None:
         handlers = self._model_handlers
@@ -81,7 +95,7 @@ class ModelEvents:
     def _on_response_done(self, event: dict) -> None:
         with self._response_lock:
             self._response = "idle"
-            self._requests.clear()
+            self._in_flight = None
             self._send_next_response()
         if self.control:
             self.control.on_response_done()
@@ -92,9 +106,8 @@ class ModelEvents:
             self._request_seq += 1
             event_id = f"relay_rc{self._request_seq}"
             body = {"instructions": instructions} if instructions else {}
-            self._queued.append(
-                json.dumps({"type": "response.create", "event_id": event_id, "response": body})
-            )
+            message = {"type": "response.create", "event_id": event_id, "response": body}
+            self._queued.append((event_id, json.dumps(message)))
             if self._response == "idle":
                 self._send_next_response()
 
@@ -102,10 +115,9 @@ class ModelEvents:
         """Under the response lock, with no response requested or active."""
         if not self._queued:
             return
-        message = self._queued.popleft()
-        self._requests[json.loads(message)["event_id"]] = message
+        self._in_flight = self._queued.popleft()
         self._response = "requested"
-        self.model.send_raw(message)
+        self.model.send_raw(self._in_flight[1])
 
     def _on_function_call(self, event: dict) -> None:
         if self.control:
@@ -135,11 +147,12 @@ class ModelEvents:
             error.get("message", event),
         )
         with self._response_lock:
-            refused = self._requests.pop(error.get("event_id") or "", None)
-            if refused is None:
+            refused = self._in_flight
+            if refused is None or refused[0] != error.get("event_id"):
                 return
+            self._in_flight = None
             if error.get("code") == "conversation_already_has_active_response":
                 self._queued.appendleft(refused)  # again, once that response is done
-            if self._response == "requested" and not self._requests:
+            if self._response == "requested":
                 self._response = "idle"
                 self._send_next_response()

@@ -92,14 +92,7 @@ class Relay(TwilioSide, ModelEvents):
         self._early_frames: collections.deque = collections.deque(maxlen=MAX_EARLY_FRAMES)
         self._playback = Playback()
         self._truncated: set[str] = set()
-        # One response at a time, as the service requires: a response.create
-        # while one is requested or active waits here, and one the service
-        # refused (a response of its own started first) is asked for again.
-        self._response = "idle"  # idle -> requested (by us) -> active -> idle
-        self._response_lock = threading.Lock()
-        self._queued: collections.deque[str] = collections.deque()
-        self._requests: dict[str, str] = {}  # event_id -> our response.create in flight
-        self._request_seq = 0
+        self._init_responses()  # one response at a time (model_events.py)
         self._reader: threading.Thread | None = None
         # Redis is kept off the audio loops: writes go through the call's
         # writer, and the history is read while the model connects.
