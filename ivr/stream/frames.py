@@ -17,6 +17,9 @@ from __future__ import annotations
 import os
 import struct
 
+from websockets.exceptions import ProtocolError as InvalidClose
+from websockets.frames import Close
+
 try:  # websockets' C helper; the pure-Python one gives the same bytes
     from websockets.speedups import apply_mask
 except ImportError:  # pragma: no cover - wheels ship the C helper
@@ -72,8 +75,13 @@ def sendable(code: int) -> bool:
 
     1005, 1006 and 1015 only report what happened locally and are never sent;
     1004 and 1016-2999 are reserved; 3000-4999 belong to libraries and applications.
+    websockets' own check of a Close frame decides.
     """
-    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+    try:
+        Close(code, "").check()
+    except InvalidClose:
+        return False
+    return True
 
 
 def close_answer(payload: bytes) -> tuple[int, str]:
@@ -81,7 +89,8 @@ def close_answer(payload: bytes) -> tuple[int, str]:
 
     No body: 1000. A valid code is echoed, as endpoints typically do. A
     one-byte body or a code that may not be sent is a protocol error (1002);
-    a reason that is not UTF-8 is invalid data (1007).
+    a reason that is not UTF-8 is invalid data (1007). The code is checked
+    before the reason, which websockets' Close.parse does the other way round.
     """
     if not payload:
         return CLOSE_NORMAL, ""
