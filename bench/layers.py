@@ -72,8 +72,8 @@ def rows() -> list[tuple[str, float, str, float]]:
     from websockets.protocol import Protocol, Side, State
     from wsproto.frame_protocol import FrameProtocol
 
-    from ivr import frames
-    from ivr.relay import _payload
+    from ivr.stream import frames
+    from ivr.stream.twilio_side import _payload
 
     media = twilio_media()
     payload = _payload(media)

@@ -159,7 +159,7 @@ def redis_per_turn(redis_url: str, turns: int, threads: int) -> dict:
     """A Gather turn's Redis work, replayed through the app's own CallStore as fast
     as `threads` threads go: Redis CPU per turn, measured over thousands of turns
     so that Redis's idle CPU and the machine's other work hardly count."""
-    from ivr.calls import CallStore
+    from ivr.store.calls import CallStore
 
     store = CallStore(redis.Redis.from_url(redis_url), history_max=20, ttl=3600, retention=3600)
     client = redis.Redis.from_url(redis_url)

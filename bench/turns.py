@@ -288,7 +288,7 @@ def sdk_request_cost(svc: Services) -> list[tuple[int, float, float]]:
     """Per-call time of the SDK's typed create() and of client.post(), by history length.
 
     The typed method runs every message through the SDK's TypedDict
-    transformer; ivr.llm uses client.post with the same plain-JSON body.
+    transformer; ivr.agent.llm uses client.post with the same plain-JSON body.
     """
     import openai
     from openai.types.chat import ChatCompletion

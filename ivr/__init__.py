@@ -51,12 +51,12 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
             "Use this for local development only. !!!"
         )
 
-    from .sockets import ReadInCaller
-    from .streaming import bp as streaming_bp
-    from .voice import bp as voice_bp
+    from .stream.sockets import ReadInCaller
+    from .web.media_stream import bp as streaming_bp
+    from .web.voice import bp as voice_bp
 
     # No per-socket ping timer in simple-websocket: it polls a selector before
-    # every read, a fifth of the relay's CPU. streaming.TwilioSocket pings instead.
+    # every read, a fifth of the relay's CPU. stream.sockets.TwilioSocket pings instead.
     app.config["SOCK_SERVER_OPTIONS"] = {"ping_interval": None, "thread_class": ReadInCaller}
     app.register_blueprint(voice_bp)
     app.register_blueprint(streaming_bp)

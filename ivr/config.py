@@ -121,7 +121,7 @@ class Settings:
     admin_password: str = env("ADMIN_PASSWORD", "")
     admin_user: str = env("ADMIN_USER", "admin")
     log_format: str = env("LOG_FORMAT", "text")
-    # A slow Gather turn holds (ivr/hold.py): its first answer must reach Twilio
+    # A slow Gather turn holds (ivr/gather/hold.py): its first answer must reach Twilio
     # well inside its limit, and a turn held longer is not worth the caller's wait.
     hold_after: float = env(
         "HOLD_AFTER_SECONDS",

@@ -16,18 +16,18 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 from twilio.rest import Client as TwilioClient
 
-from .breaker import StreamBreaker
-from .calls import CallStore
-from .claims import Leases
+from .agent.llm import Responder
+from .agent.prompts import Prompts
+from .agent.tools import load_modules
+from .agent.tools import registry as tool_registry
 from .config import Settings
-from .control import CallControl
-from .conversation import Conversation
-from .llm import Responder
-from .prompts import Prompts
-from .redis_cluster import ClusterClient
-from .report import ReportQueue
-from .tools import load_modules
-from .tools import registry as tool_registry
+from .gather.claims import Leases
+from .gather.turn import Conversation
+from .store.calls import CallStore
+from .store.cluster import ClusterClient
+from .store.report import ReportQueue
+from .stream.breaker import StreamBreaker
+from .stream.control import CallControl
 
 log = logging.getLogger(__name__)
 

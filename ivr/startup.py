@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from .agent.prompts import REQUIRED, Prompts
 from .config import ConfigError, Settings, load_settings
-from .prompts import REQUIRED, Prompts
 
 
 def load_checked(config: Mapping[str, object] | None = None) -> tuple[Settings, Prompts]:

@@ -17,7 +17,7 @@ The unmutated run must pass and exit 0 first: otherwise every mutant would
 look caught.
 
     scripts/mutate                   # the modules that guard calls
-    scripts/mutate security llm      # some of them
+    scripts/mutate web.signed agent.llm  # some of them
     scripts/mutate --list            # modules and their test files
 """
 
@@ -43,26 +43,31 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # module of ivr/ (dotted below it) -> the test files that are its own.
 TESTS = {
-    "security": ["tests/test_security.py"],
+    # signatures: the check itself, and the decorator that applies it to requests
+    "telephony.signatures": ["tests/web/test_security.py"],
+    "web.signed": ["tests/web/test_security.py"],
     "config": ["tests/test_config.py"],
     # the Gather turn: its failures, the keys and tools that end or move it
-    "conversation": [
-        "tests/test_conversation.py",
+    "gather.turn": [
+        "tests/gather/test_conversation.py",
         "tests/test_failures.py",
-        "tests/test_voice.py",
-        "tests/test_transfer.py",
-        "tests/test_tools.py",
+        "tests/web/test_voice.py",
+        "tests/telephony/test_transfer.py",
+        "tests/gather/test_tools.py",
     ],
-    "llm": ["tests/test_llm.py", "tests/test_tools.py"],  # the turn loop runs the tools
-    "calls": ["tests/test_calls.py"],
-    "report": ["tests/test_report.py"],
-    "playback": ["tests/test_relay.py"],
-    "web.access": ["tests/test_web.py"],
-    "twiml": ["tests/test_voice.py"],
-    "relay": ["tests/test_relay.py"],
-    "breaker": ["tests/test_streaming.py"],
+    # the turn loop runs the tools
+    "agent.llm": ["tests/agent/test_llm.py", "tests/gather/test_tools.py"],
+    "store.calls": ["tests/store/test_calls.py"],
+    "store.report": ["tests/store/test_report.py"],
+    "stream.playback": ["tests/stream/test_relay.py"],
+    "web.access": ["tests/web/test_web.py"],
+    "telephony.twiml": ["tests/web/test_voice.py"],
+    "stream.relay": ["tests/stream/test_relay.py"],
+    "stream.model_events": ["tests/stream/test_relay.py"],
+    "stream.twilio_side": ["tests/stream/test_relay.py"],
+    "stream.breaker": ["tests/stream/test_streaming.py"],
 }
-DEFAULT = ["security", "config", "conversation", "llm"]
+DEFAULT = ["telephony.signatures", "web.signed", "config", "gather.turn", "agent.llm"]
 TARGET = 90.0
 
 # Mutants of these kinds are equivalent by construction in this code base:

@@ -1,9 +1,11 @@
-"""The owner's window on the platform: the call log pages and /metrics.
+"""Every route: Twilio's webhooks (voice.py), the media stream (media_stream.py), the call log.
 
-Registered only when ADMIN_PASSWORD is set, so without it these routes do not
-exist (404). Every response here is behind HTTP Basic auth and carries a
-strict Content-Security-Policy: the pages are plain HTML and one CSS file,
-with no script at all (live pages refresh with a <meta> tag).
+The webhooks and the media-stream socket are registered by create_app. The
+owner's window on the platform, the call log pages and /metrics, is
+registered here only when ADMIN_PASSWORD is set, so without it these routes
+do not exist (404). Every response there is behind HTTP Basic auth and
+carries a strict Content-Security-Policy: the pages are plain HTML and one
+CSS file, with no script at all (live pages refresh with a <meta> tag).
 """
 
 from __future__ import annotations

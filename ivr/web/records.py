@@ -1,6 +1,6 @@
 """The call log's data: calls from the index, and one call's timeline, read from Redis.
 
-Pages show what calls.py and calllog.py recorded; nothing is written here.
+Pages show what store/calls.py and store/calllog.py recorded; nothing is written here.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
-from ..calllog import INDEX_KEY
-from ..calls import CallStore, ended_by
+from ..store.calllog import INDEX_KEY
+from ..store.calls import CallStore, ended_by
 
 PER_PAGE = 25
 SCAN_CHUNK = 200

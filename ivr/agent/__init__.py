@@ -1,0 +1,1 @@
+"""What the agent is: its prompts and hold lines, the LLM call, its tools, speakable text."""

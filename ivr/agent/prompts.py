@@ -1,0 +1,108 @@
+"""Prompt files: every sentence the agent says or is told lives in `prompts/`.
+
+A file is re-read when its modification time or size changes, so an owner who
+edits `prompts/greeting.txt` hears the change on the next call, no restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# name -> what the file is for (the README documents the same list).
+REQUIRED = {
+    "system": "the system prompt: who the agent is and how it talks",
+    "greeting": "said when a call is answered",
+    "reprompt": "said when the caller was silent or not understood",
+    "goodbye": "said before hanging up after too many reprompts",
+    "error": "said when the language model could not answer in time",
+    "apology": "said when something unexpected failed; the call goes on",
+    "stream_fallback": "said when a streaming call falls back to Gather mode",
+    "farewell": "said when the agent ends the call (the end_call tool)",
+    "transfer": "said before the caller is put through to a human",
+    "time_limit": "said when the call reaches MAX_CALL_SECONDS, before hanging up",
+    "turn_limit": "said when the call reaches MAX_TURNS, before hanging up",
+}
+
+
+# Built-in lines for when even the prompt files cannot be read.
+BUILT_IN_LINES = {
+    "system": "You are a helpful phone assistant. Answer briefly, in plain spoken words.",
+    "greeting": "Hello, how can I help you?",
+    "reprompt": "Sorry, I didn't catch that. Could you say it again?",
+    "goodbye": "Goodbye.",
+    "error": "Sorry, I couldn't answer that just now. Could you say it again?",
+    "apology": "Sorry, something went wrong. Let's try again.",
+    "stream_fallback": "Sorry, the line cut out for a moment. What were you saying?",
+    "farewell": "Thanks for calling. Goodbye!",
+    "transfer": "Please hold while I put you through.",
+    "time_limit": "We've reached the time limit for this call. Goodbye!",
+    "turn_limit": "We've reached the limit for this call. Goodbye!",
+}
+
+# Said while a slow answer is on its way, when prompts/hold.txt cannot be read.
+BUILT_IN_HOLD_LINES = ["One moment, please.", "Let me check that for you."]
+
+
+class PromptError(Exception):
+    pass
+
+
+class Prompts:
+    """Reads `<name>.txt` from a directory, caching by (mtime, size)."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self._cache: dict[str, tuple[tuple[int, int], str]] = {}
+        self._lock = threading.Lock()
+
+    def missing(self, names=REQUIRED) -> list[str]:
+        """Names of required prompt files that are absent or empty."""
+        absent = []
+        for name in names:
+            try:
+                if not self.get(name):
+                    absent.append(name)
+            except PromptError:
+                absent.append(name)
+        return absent
+
+    def get(self, name: str) -> str:
+        path = self.directory / f"{name}.txt"
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            raise PromptError(f"Prompt file {path} is missing.") from exc
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        cached = self._cache.get(name)
+        if cached and cached[0] == stamp:
+            return cached[1]
+        text = path.read_text(encoding="utf-8").strip()
+        with self._lock:
+            self._cache[name] = (stamp, text)
+        if cached:
+            log.info("prompt %s reloaded from disk", name)
+        return text
+
+    def line(self, name: str) -> str:
+        """A required prompt, or its built-in line when the file cannot be read."""
+        return self.say(name, BUILT_IN_LINES[name])
+
+    def say(self, name: str, fallback: str) -> str:
+        """A line to speak; never raises, because a caller must always hear something."""
+        try:
+            return self.get(name) or fallback
+        except (PromptError, OSError, UnicodeDecodeError):
+            log.exception("prompt %s unreadable; using the built-in line", name)
+            return fallback
+
+
+def pick_line(prompts, last: str | None) -> str:
+    """A line of prompts/hold.txt (one per line), never `last` when there is a choice."""
+    text = prompts.say("hold", "\n".join(BUILT_IN_HOLD_LINES))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return random.choice([line for line in lines if line != last] or lines)

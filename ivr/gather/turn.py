@@ -1,0 +1,332 @@
+"""Gather-mode turns: what the agent says next, given what Twilio heard.
+
+Each method returns a result dict ({"kind", "text", "next"}) that is stored per
+turn, so a repeated delivery of the same webhook replays the same answer
+instead of asking the LLM twice, and is rendered to TwiML by `render_result`.
+
+Redis failures never reach the caller: the turn is answered without history
+and the failure is logged with the CallSid.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+
+from .. import metrics
+from ..agent.llm import LLMUnavailable, Responder
+from ..agent.prompts import Prompts
+from ..agent.speakable import make_speakable
+from ..agent.tools import ToolCall, ToolRegistry
+from ..config import Settings
+from ..store import calllog
+from ..store.calls import CallStore, TurnRecord
+from ..telephony import twiml
+from .claims import Leases
+from .hold import Hold
+
+log = logging.getLogger(__name__)
+
+
+# How often a repeated delivery looks for the first delivery's stored answer.
+REPLAY_POLL_SECONDS = 0.1
+
+
+@dataclass(frozen=True)
+class Heard:
+    """What Twilio's Gather heard in one turn."""
+
+    speech: str = ""
+    confidence: float | None = None
+    digits: str = ""
+    caller: str = ""
+
+
+class Conversation:
+    def __init__(
+        self,
+        store: CallStore,
+        responder: Responder,
+        prompts: Prompts,
+        settings: Settings,
+        tools: ToolRegistry,
+        leases: Leases,
+        reports=None,
+    ):
+        self.store = store
+        self.responder = responder
+        self.prompts = prompts
+        self.settings = settings
+        self.tools = tools
+        self.leases = leases
+        self.reports = reports  # a report.ReportQueue, when END_OF_CALL_WEBHOOK_URL is set
+        self.hold = Hold(self)  # slow turns: hold lines and /turn-wait
+
+    # -- entry points -------------------------------------------------------------
+
+    def begin_call(self, sid: str, caller: str, callee: str, mode: str) -> bool:
+        """Record a new call; False for a repeated /voice or when Redis is down."""
+        first = bool(
+            self._safely(
+                sid, "start", lambda: self.store.start(sid, caller=caller, callee=callee, mode=mode)
+            )
+        )
+        if first:
+            metrics.CALLS.labels(mode).inc()
+            self._safely(
+                sid,
+                "index call",
+                lambda: calllog.index_call(
+                    self.store.redis, sid, time.time(), self.settings.transcript_retention
+                ),
+            )
+        return first
+
+    def greet(self, sid: str, caller: str = "", callee: str = "") -> dict:
+        greeting = self.prompts.line("greeting")
+        if self.begin_call(sid, caller, callee, mode="gather"):
+            self._safely(sid, "record greeting", lambda: self.store.record_agent(sid, greeting))
+        return {"kind": "answer", "text": greeting, "next": 1}
+
+    def resume_after_stream(self, sid: str) -> dict:
+        """The stream ended under a live call: carry on in Gather mode, history intact."""
+        turn = self._safely(sid, "resume", lambda: self.store.resume_in_gather(sid))
+        text = self.prompts.line("stream_fallback")
+        self._safely(
+            sid,
+            "record fallback",
+            lambda: self.store.append(sid, "agent_line", text, "gather", kind="stream_fallback"),
+        )
+        return {"kind": "answer", "text": text, "next": turn}
+
+    def take_turn(self, sid: str, turn: int | None, heard: Heard, started: float) -> dict:
+        """Answer turn `turn` of call `sid`; `started` is the request's monotonic time."""
+        deadline = started + self.settings.llm_deadline
+        calllog.begin_turn(started)  # timings for the call log
+        if not turn:
+            return self._answer_and_record(sid, turn, heard, deadline)
+        replay = self._claim_or_replay(sid, turn, started)
+        if replay is not None:
+            return replay
+        if self.settings.hold_after:
+            # A slow answer goes on in the background behind a hold line
+            # (ivr/gather/hold.py), and that thread lets the claim go when it is stored.
+            return self.hold.run(sid, turn, heard, started)
+        claim = self.store.claim_keys(sid, turn)
+        try:
+            result = self._answer_and_record(sid, turn, heard, deadline)
+        except BaseException:
+            # Failed inside a live worker: a redelivery may answer at once.
+            self._safely(sid, "release claim", lambda: self.leases.release(*claim))
+            raise
+        self.leases.forget(*claim)
+        return result
+
+    def wait_for_turn(self, sid: str, turn: int | None) -> dict:
+        """/turn-wait: a held turn's answer, as soon as it is stored."""
+        if not turn:
+            return {"kind": "error", "text": self.prompts.line("error"), "next": None}
+        return self.hold.wait(sid, turn)
+
+    def apologise(self, sid: str, turn: int | None) -> dict:
+        """Something unexpected failed: sorry, and the call goes on with a numbered Gather."""
+        return {
+            "kind": "apology",
+            "text": self.prompts.line("apology"),
+            "next": self._next_turn(sid, turn),
+        }
+
+    def finish(self, sid: str, status: str) -> None:
+        """The call ended: keep its record for the retention period, queue its report once.
+
+        Raises redis.RedisError when the end could not be recorded, so the
+        status callback fails and Twilio sends it again.
+        """
+        self.store.finish(sid, status)
+        if self.reports and not self.store.is_reported(sid):
+            self.reports.enqueue(sid)
+            self.store.mark_reported(sid)  # only once the report is durably queued
+
+    # -- replay protection ----------------------------------------------------------
+
+    def _claim_or_replay(self, sid: str, turn: int, started: float) -> dict | None:
+        """None when this delivery owns the turn; else the answer to replay.
+
+        A repeated delivery waits for the first one's answer while that one's
+        worker is alive; when its claim lapses (the worker died) or is given
+        back (it failed), this delivery claims the turn and answers it. Past
+        HOLD_AFTER_SECONDS it says a hold line and goes on waiting at /turn-wait.
+        """
+        settings = self.settings
+        deadline = started + (settings.hold_after or settings.llm_deadline)
+        owner = self.leases.owner_id()
+        while True:
+            stored, claimed = self._safely(
+                sid,
+                "begin turn",
+                lambda: self.store.begin_turn(sid, turn, owner, self.leases.lease_ms),
+                (None, True),  # Redis down: answer without replay protection
+            )
+            if stored:
+                return stored
+            if claimed:
+                self.leases.hold(*self.store.claim_keys(sid, turn))
+                return None
+            if time.monotonic() + REPLAY_POLL_SECONDS >= deadline:
+                if settings.hold_after:
+                    return self.hold.hold_line(sid, turn)
+                return {"kind": "error", "text": self.prompts.line("error"), "next": turn + 1}
+            time.sleep(REPLAY_POLL_SECONDS)
+
+    def _next_turn(self, sid: str, turn: int | None) -> int | None:
+        """The number for the next Gather: every Gather has one, so replays are caught."""
+        if turn:
+            return turn + 1
+        return self._safely(sid, "number a turn", lambda: self.store.fresh_turn(sid))
+
+    # -- the turn -------------------------------------------------------------------
+
+    def _answer_and_record(self, sid: str, turn: int | None, heard: Heard, deadline: float) -> dict:
+        return self.end_turn(sid, turn, *self.answer_turn(sid, turn, heard, deadline))
+
+    def end_turn(self, sid: str, turn: int | None, result: dict, messages: list[dict]) -> dict:
+        """Store the turn's answer (for replays) and its messages; returns the answer."""
+        if not any(m["role"] == "assistant" and m.get("content") for m in messages):
+            # Lines from prompts/ go in the transcript too, under their own role
+            # so the model's history holds only the conversation itself.
+            messages = [
+                *messages,
+                {"role": "agent_line", "content": result["text"], "kind": result["kind"]},
+            ]
+        messages = calllog.annotate(messages)
+        self._safely(sid, "end turn", lambda: self.store.end_turn(sid, turn, result, messages))
+        return result
+
+    def answer_turn(
+        self, sid: str, turn: int | None, heard: Heard, deadline: float
+    ) -> tuple[dict, list[dict]]:
+        """What to say for the caller's words, and the messages to record; stores nothing."""
+        next_turn = self._next_turn(sid, turn)
+        settings = self.settings
+        if heard.digits:
+            keyed = self._keypad(sid, heard.digits, next_turn)
+            if keyed:
+                return keyed, []
+            words = f"(The caller pressed {heard.digits} on the keypad.)"
+        elif not heard.speech or (
+            heard.confidence is not None and heard.confidence < settings.confidence_threshold
+        ):
+            # Confidence is optional in Twilio's request: absent means "accept".
+            return self._reprompt(sid, heard.speech, heard.confidence, next_turn), []
+        else:
+            words = heard.speech
+
+        record = self._safely(sid, "record caller", lambda: self.store.record_caller(sid, words))
+        history = record.history if record else [{"role": "user", "content": words}]
+        limit = self._limit_reached(record)
+        if limit:
+            return {
+                "kind": "end",
+                "text": self.prompts.line(limit),
+                "next": None,
+                "end_reason": "limit-reached",
+            }, []
+        call = ToolCall(call_sid=sid, caller=heard.caller, settings=settings)
+        try:
+            reply = self.responder.reply(
+                self.prompts.get("system"), history, deadline, tools=self.tools, call=call
+            )
+        except LLMUnavailable as exc:
+            log.warning("call %s turn %s: no LLM answer (%s)", sid, turn, exc)
+            return {"kind": "error", "text": self.prompts.line("error"), "next": next_turn}, []
+        if reply.action:
+            return self._act(reply.action), reply.messages
+        text = make_speakable(reply.text, settings.max_reply_chars)
+        if not text:
+            return {"kind": "error", "text": self.prompts.line("error"), "next": next_turn}, []
+        # What is recorded is what the caller heard.
+        messages = reply.messages[:-1] + [{"role": "assistant", "content": text}]
+        return {"kind": "answer", "text": text, "next": next_turn}, messages
+
+    def _act(self, action: dict) -> dict:
+        """A tool asked to move or end the call."""
+        if action["type"] == "transfer":
+            return {
+                "kind": "transfer",
+                "text": self.prompts.line("transfer"),
+                "next": None,
+                "number": action["number"],
+                "end_reason": "transferred",
+            }
+        return {
+            "kind": "end",
+            "text": self.prompts.line("farewell"),
+            "next": None,
+            "end_reason": "ended-by-agent",
+        }
+
+    def _keypad(self, sid: str, digits: str, next_turn: int | None) -> dict | None:
+        """The configured keys: transfer to a human, repeat the last answer."""
+        settings = self.settings
+        if digits == settings.dtmf_transfer_key and settings.transfer_number:
+            return self._act({"type": "transfer", "number": settings.transfer_number})
+        if digits == settings.dtmf_repeat_key:
+            last = self._safely(sid, "repeat", lambda: self.store.last_agent_line(sid), "")
+            return {
+                "kind": "answer",
+                "text": last or self.prompts.line("reprompt"),
+                "next": next_turn,
+            }
+        return None
+
+    def _limit_reached(self, record: TurnRecord | None) -> str | None:
+        if record is None:
+            return None
+        if record.turn_count > self.settings.max_turns:
+            return "turn_limit"
+        if record.started and time.time() - record.started > self.settings.max_call_seconds:
+            return "time_limit"
+        return None
+
+    def _reprompt(
+        self, sid: str, speech: str, confidence: float | None, next_turn: int | None
+    ) -> dict:
+        if speech:
+            # Not used for the answer, but kept: a caller's words are never lost.
+            self._safely(
+                sid,
+                "record unclear",
+                lambda: self.store.append(
+                    sid, "caller_unclear", speech, "gather", confidence=confidence
+                ),
+            )
+        streak = self._safely(sid, "count reprompt", lambda: self.store.count_reprompt(sid), 1)
+        if streak > self.settings.reprompt_limit:
+            return {
+                "kind": "goodbye",
+                "text": self.prompts.line("goodbye"),
+                "next": None,
+                "end_reason": "silence",  # as the relay records it in streaming mode
+            }
+        return {"kind": "reprompt", "text": self.prompts.line("reprompt"), "next": next_turn}
+
+    def _safely(self, sid: str, what: str, action: Callable, default=None):
+        try:
+            return action()
+        except redis.RedisError as exc:
+            log.error("call %s: Redis failed during %s: %s", sid, what, exc)
+            return default
+
+
+def render_result(result: dict, settings: Settings):
+    if result["kind"] in ("goodbye", "end"):
+        return twiml.goodbye(result["text"], settings)
+    if result["kind"] == "transfer":
+        return twiml.transfer(result["text"], result["number"], settings)
+    if result["kind"] == "hold":
+        return twiml.hold(result["text"], result["next"], result["wait"], settings)
+    return twiml.gather_turn(result["text"], result.get("next"), settings)

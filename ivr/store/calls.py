@@ -1,0 +1,333 @@
+"""Per-call state in Redis, keyed by CallSid, shared by every worker and both modes.
+
+Keys for one call share the `{CallSid}` hash tag, so a Redis Cluster keeps the
+whole call on one shard and MULTI transactions over them are allowed:
+
+    ivr:{CA…}:meta        hash: from, to, started, ended, status, turns, reprompts
+    ivr:{CA…}:transcript  list of JSON entries {role, content, ts, mode}
+    ivr:{CA…}:results     hash: turn number -> the answer already given (replays)
+    ivr:{CA…}:claim:N     lease (gather/claims.py): the worker answering turn N
+    ivr:{CA…}:answering   lease: some turn of the call is being answered
+    ivr:{CA…}:reported    the end-of-call report is queued (report.py)
+
+Expiry only ever grows: every write refreshes the keys to CALL_TTL_SECONDS,
+and once the call has ended to TRANSCRIPT_RETENTION_SECONDS, which a later
+write (a turn or a tool still running when the caller hung up) cannot shorten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import redis
+
+log = logging.getLogger(__name__)
+
+# Far above any real call; stops a runaway loop from growing a key without end.
+TRANSCRIPT_HARD_CAP = 2000
+# Twilio's final call statuses, and how the call ended when the app did not end it.
+ENDED_STATUSES = {
+    "completed": "caller-hung-up",
+    "failed": "error",
+    "busy": "busy",
+    "no-answer": "no-answer",
+    "canceled": "canceled",
+}
+
+
+def ended_by(meta: dict[str, str]) -> str:
+    """How a call ended: the reason the app recorded, or what Twilio's final status
+    says; "" while it has not ended."""
+    return meta.get("end_reason") or ENDED_STATUSES.get(meta.get("status", ""), "")
+
+
+@dataclass(frozen=True)
+class TurnRecord:
+    """What recording a caller's words returned: the LLM's view of the call."""
+
+    history: list[dict]
+    turn_count: int
+    started: float | None = None  # when the call began (epoch seconds), for the time limit
+
+
+class CallStore:
+    def __init__(self, client: redis.Redis, *, history_max: int, ttl: int, retention: int):
+        self.redis = client
+        self.history_max = history_max
+        self.ttl = ttl
+        self.retention = retention
+
+    @staticmethod
+    def _key(sid: str, part: str) -> str:
+        return f"ivr:{{{sid}}}:{part}"
+
+    def _keys(self, sid: str) -> list[str]:
+        return [self._key(sid, p) for p in ("meta", "transcript", "results")]
+
+    def _expire_all(self, pipe, sid: str, seconds: int) -> None:
+        """Give the call's keys at least `seconds` to live, never less than they have."""
+        for key in self._keys(sid):
+            pipe.expire(key, seconds, nx=True)  # a key just created has no expiry yet
+            pipe.expire(key, seconds, gt=True)
+
+    def _push(self, pipe, sid: str, *entries: str) -> None:
+        """Queue transcript entries on `pipe`, keeping the list under its hard cap."""
+        transcript = self._key(sid, "transcript")
+        pipe.rpush(transcript, *entries)
+        pipe.ltrim(transcript, -TRANSCRIPT_HARD_CAP, -1)
+
+    # -- call lifecycle -------------------------------------------------------
+
+    def start(self, sid: str, *, caller: str = "", callee: str = "", mode: str = "gather") -> bool:
+        """Record a call's arrival; True the first time, False for a repeated /voice."""
+        meta = self._key(sid, "meta")
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(meta, "started", f"{time.time():.3f}")
+            pipe.hsetnx(meta, "from", caller)
+            pipe.hsetnx(meta, "to", callee)
+            pipe.hsetnx(meta, "status", "in-progress")
+            pipe.hsetnx(meta, "mode", mode)
+            self._expire_all(pipe, sid, self.ttl)
+            return bool(pipe.execute()[0])
+
+    def finish(self, sid: str, status: str) -> bool:
+        """Mark the call ended and keep its record for the retention period.
+
+        Idempotent: a repeated status callback keeps the first end time and
+        status. True when this call recorded the end.
+        """
+        meta = self._key(sid, "meta")
+
+        def mark_ended(pipe) -> bool:
+            first = not pipe.hexists(meta, "ended")
+            pipe.multi()
+            if first:
+                pipe.hset(meta, mapping={"status": status, "ended": f"{time.time():.3f}"})
+            self._expire_all(pipe, sid, self.retention)
+            return first
+
+        return self.redis.transaction(mark_ended, meta, value_from_callable=True)
+
+    def resume_in_gather(self, sid: str) -> int:
+        """Switch a call to Gather mode; returns the first turn number to use.
+
+        Turns after a stream are numbered from a fresh block of 1000 so they
+        never collide with stored answers of earlier Gather turns.
+        """
+        meta = self._key(sid, "meta")
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(meta, "turn_block", 1)
+            pipe.hset(meta, "mode", "gather")
+            pipe.hincrby(meta, "stream_fallbacks", 1)
+            self._expire_all(pipe, sid, self.ttl)
+            block = pipe.execute()[0]
+        return block * 1000 + 1
+
+    def fresh_turn(self, sid: str) -> int:
+        """A turn number no earlier Gather of the call used, for a Gather that
+        does not follow a numbered turn (an apology, a fallback)."""
+        meta = self._key(sid, "meta")
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(meta, "turn_block", 1)
+            self._expire_all(pipe, sid, self.ttl)
+            block = pipe.execute()[0]
+        return block * 1000 + 1
+
+    def meta(self, sid: str) -> dict[str, str]:
+        raw = self.redis.hgetall(self._key(sid, "meta"))
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    # -- conversation -----------------------------------------------------------
+
+    def record_caller(self, sid: str, words: str, mode: str = "gather") -> TurnRecord:
+        """Append the caller's words and return the history the LLM should see.
+
+        One transaction: the words are stored (never lost, whatever happens
+        next), the reprompt streak resets, and the recent history comes back in
+        the same round trip.
+        """
+        transcript, meta = self._key(sid, "transcript"), self._key(sid, "meta")
+        with self.redis.pipeline(transaction=True) as pipe:
+            self._push(pipe, sid, _entry("user", words, mode))
+            pipe.hset(meta, "reprompts", 0)
+            pipe.hincrby(meta, "turns", 1)
+            pipe.lrange(transcript, -self.history_max, -1)
+            pipe.hget(meta, "started")
+            self._expire_all(pipe, sid, self.ttl)
+            replies = pipe.execute()
+        started = float(replies[5]) if replies[5] else None
+        return TurnRecord(history=_messages(replies[4]), turn_count=replies[3], started=started)
+
+    def record_agent(self, sid: str, words: str, mode: str = "gather") -> None:
+        self.append(sid, "assistant", words, mode)
+
+    def is_reported(self, sid: str) -> bool:
+        return bool(self.redis.exists(self._key(sid, "reported")))
+
+    def mark_reported(self, sid: str) -> None:
+        """The report is durably queued: repeated status callbacks queue no other."""
+        self.redis.set(self._key(sid, "reported"), 1, ex=self.retention)
+
+    def set_meta(self, sid: str, **fields: str) -> None:
+        """Fields of the call's record; like every write, it never leaves a key without
+        a TTL (a report settled after the record expired would otherwise keep one)."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._key(sid, "meta"), mapping=fields)
+            self._expire_all(pipe, sid, self.ttl)
+            pipe.execute()
+
+    def set_end_reason(self, sid: str, reason: str) -> None:
+        """How the app ended the call (transferred, ended-by-agent, limit-reached...)."""
+        self.set_meta(sid, end_reason=reason)
+
+    def set_stream_exit(self, sid: str, exit_json: str, reason: str) -> None:
+        """Where a streaming call goes once its stream closes; its <Connect action> reads it."""
+        self.redis.hset(
+            self._key(sid, "meta"), mapping={"stream_exit": exit_json, "end_reason": reason}
+        )
+
+    def take_stream_exit(self, sid: str) -> str:
+        """The stored stream exit (JSON), cleared as it is read; "" when there is none."""
+        key = self._key(sid, "meta")
+        with self.redis.pipeline() as pipe:
+            pipe.hget(key, "stream_exit")
+            pipe.hdel(key, "stream_exit")
+            raw, _ = pipe.execute()
+        return _text(raw) if raw else ""
+
+    def last_agent_line(self, sid: str) -> str:
+        for raw in reversed(self.redis.lrange(self._key(sid, "transcript"), -20, -1)):
+            entry = json.loads(raw)
+            if entry.get("role") == "assistant" and entry.get("content"):
+                return entry["content"]
+        return ""
+
+    def append(self, sid: str, role: str, content: str, mode: str, **extra) -> None:
+        with self.redis.pipeline(transaction=True) as pipe:
+            self._push(pipe, sid, _entry(role, content, mode, **extra))
+            self._expire_all(pipe, sid, self.ttl)
+            pipe.execute()
+
+    def history(self, sid: str) -> list[dict]:
+        """The recent messages, as the LLM sees them."""
+        return _messages(self.redis.lrange(self._key(sid, "transcript"), -self.history_max, -1))
+
+    def transcript(self, sid: str) -> list[dict]:
+        return [json.loads(e) for e in self.redis.lrange(self._key(sid, "transcript"), 0, -1)]
+
+    def count_reprompt(self, sid: str) -> int:
+        """One more silent or unclear turn in a row; returns the streak length."""
+        meta = self._key(sid, "meta")
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(meta, "reprompts", 1)
+            self._expire_all(pipe, sid, self.ttl)
+            return pipe.execute()[0]
+
+    # -- one Gather turn: begin and end in one round trip each -------------------
+
+    def claim_keys(self, sid: str, turn: int) -> tuple[str, str]:
+        """The leases a delivery holds while it answers `turn` (see gather/claims.py)."""
+        return self._key(sid, f"claim:{turn}"), self._key(sid, "answering")
+
+    def begin_turn(
+        self, sid: str, turn: int, owner: str, lease_ms: int
+    ) -> tuple[dict | None, bool]:
+        """(stored answer or None, whether this delivery claimed the turn).
+
+        A webhook delivered twice (Twilio or a proxy retrying) finds the first
+        delivery's answer here, or learns that the first is still being answered.
+        The claim is a lease in `owner`'s name that lapses unless renewed.
+        """
+        claim, answering = self.claim_keys(sid, turn)
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self._key(sid, "results"), str(turn))
+            pipe.set(claim, owner, nx=True, px=lease_ms)
+            stored, claimed = pipe.execute()
+        if claimed and not stored:
+            self.redis.set(answering, owner, px=lease_ms)
+        return (json.loads(stored) if stored else None), bool(claimed)
+
+    def is_answering(self, sid: str) -> bool:
+        """Whether a live worker is answering a turn of the call right now."""
+        return bool(self.redis.exists(self._key(sid, "answering")))
+
+    def stored_result(self, sid: str, turn: int) -> dict | None:
+        raw = self.redis.hget(self._key(sid, "results"), str(turn))
+        return json.loads(raw) if raw else None
+
+    def end_turn(
+        self, sid: str, turn: int | None, result: dict, messages: list[dict] | None = None
+    ) -> None:
+        """Store the turn's answer for replays, and its messages in the transcript.
+
+        `messages` are chat messages: the agent's words, and any tool calls
+        and tool results that led to them.
+        """
+        with self.redis.pipeline(transaction=True) as pipe:
+            if messages:
+                entries = [
+                    _entry(
+                        m["role"],
+                        m.get("content") or "",
+                        "gather",
+                        **{k: v for k, v in m.items() if k not in ("role", "content")},
+                    )
+                    for m in messages
+                ]
+                self._push(pipe, sid, *entries)
+            if result.get("end_reason"):
+                pipe.hset(self._key(sid, "meta"), "end_reason", result["end_reason"])
+            if turn:
+                # The first stored answer wins: a held turn whose worker was
+                # given up for dead must not change what replays say.
+                pipe.hsetnx(self._key(sid, "results"), str(turn), json.dumps(result))
+                # Answered: a replay finds the result, and the report need not wait.
+                pipe.delete(*self.claim_keys(sid, turn))
+            self._expire_all(pipe, sid, self.ttl)
+            pipe.execute()
+
+
+def _entry(role: str, content: str, mode: str, **extra) -> str:
+    return json.dumps(
+        {"role": role, "content": content, "ts": round(time.time(), 3), "mode": mode, **extra}
+    )
+
+
+def _messages(raw_entries) -> list[dict]:
+    """Transcript entries as chat messages: words, tool calls and tool results.
+
+    A tool result is kept only after the assistant message that asked for
+    it: the API refuses any other order, which a window cut mid-exchange or a
+    streaming call's tool entries (no chat-format call) would otherwise give.
+    """
+    messages: list[dict] = []
+    asked: set[str] = set()  # tool call ids of the latest assistant message
+    for raw in raw_entries:
+        entry = json.loads(raw)
+        role = entry.get("role")
+        if role == "tool":
+            if entry.get("tool_call_id") in asked:
+                messages.append(
+                    {
+                        "role": "tool",
+                        "tool_call_id": entry["tool_call_id"],
+                        "content": entry["content"],
+                    }
+                )
+            continue
+        if role not in ("user", "assistant"):
+            continue
+        message = {"role": role, "content": entry["content"]}
+        calls = entry.get("tool_calls") if role == "assistant" else None
+        if calls:
+            message = {"role": role, "content": entry["content"] or None, "tool_calls": calls}
+        asked = {c.get("id") for c in calls} if calls else set()
+        messages.append(message)
+    return messages
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

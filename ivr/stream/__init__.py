@@ -1,0 +1,1 @@
+"""Streaming mode: the media relay, playback, call control, sockets, frames, writer, breaker."""

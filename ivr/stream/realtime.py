@@ -1,0 +1,42 @@
+"""The realtime model's side of a streaming call: the connection and the session asked for.
+
+`open_realtime` opens the model connection through the openai SDK (GA
+protocol) within the connect budget; `relay_config` is what the relay asks
+of the session: instructions, greeting, voice, turn detection and tools.
+Both take the app's services (settings, prompts, clients), built by the
+wiring above this package.
+"""
+
+from __future__ import annotations
+
+from .relay import RelayConfig
+from .sockets import HandOverConnection, RealtimeSocket
+
+
+def relay_config(services) -> RelayConfig:
+    settings, prompts = services.settings, services.prompts
+    return RelayConfig(
+        instructions=prompts.line("system"),
+        greeting=prompts.line("greeting"),
+        voice=settings.realtime_voice,
+        turn_detection=settings.realtime_turn_detection,
+        transcription_model=settings.realtime_transcription_model,
+        connect_timeout=settings.stream_connect_timeout,
+        tools=services.call_control.realtime_tools(),
+    )
+
+
+def open_realtime(services):
+    """A live realtime connection (GA protocol), or an exception within the budget."""
+    manager = services.openai.realtime.connect(
+        model=services.settings.openai_realtime_model,
+        # No compression: base64 audio gains little, and every frame would pay for it.
+        websocket_connection_options={
+            "open_timeout": services.settings.stream_connect_timeout,
+            "compression": None,
+            "create_connection": HandOverConnection,
+        },
+    )
+    # Entered by hand, not in a with-block: the relay owns the connection and
+    # closes it when the call or the model ends.
+    return RealtimeSocket(manager.__enter__())

@@ -1,0 +1,1 @@
+"""Twilio's formats: TwiML builders, request signatures, the XML text filter."""

@@ -1,0 +1,205 @@
+"""End-of-call reports: content, Standard Webhooks signature, durable queue, once per call."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from standardwebhooks import Webhook
+
+from ivr import create_app
+from ivr.config import ConfigError
+from ivr.store.report import ATTEMPTS, DEAD, DUE
+
+from ..fakes.openai_server import CallTool, Reply
+from ..fakes.webhook_receiver import SECRET, WebhookReceiver
+from ..twilio_sim import TwilioCall, signed_post
+from ..waiting import wait_for
+
+
+@pytest.fixture
+def receiver():
+    server = WebhookReceiver().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def report_config(config, receiver):
+    return {
+        **config,
+        "END_OF_CALL_WEBHOOK_URL": receiver.url,
+        "END_OF_CALL_WEBHOOK_SECRET": SECRET,
+        "END_OF_CALL_RETRY_SECONDS": "0.01",
+    }
+
+
+@pytest.fixture
+def apps():
+    """Apps built by a test; their report senders stop with it."""
+    built = []
+    yield built
+    for app in built:
+        app.extensions["ivr"].conversation.reports.close()
+
+
+@pytest.fixture
+def report_call(report_config, apps):
+    apps.append(create_app(report_config))
+    return TwilioCall(apps[-1].test_client())
+
+
+def test_a_completed_call_is_reported_with_its_transcript(report_call, receiver, fake_openai):
+    call = report_call
+    call.start()
+    call.say("I need opening hours.")
+    response = call.hang_up()
+    assert response.status_code == 204  # answered before the report is sent
+    assert wait_for(receiver.reports)
+    (report,) = receiver.reports()
+    assert report["call_sid"] == call.sid
+    assert (report["from"], report["to"]) == (call.caller, call.callee)
+    assert report["status"] == "completed"
+    assert report["ended_by"] == "caller-hung-up"
+    assert report["modes"] == ["gather"]
+    assert report["duration_seconds"] >= 0
+    assert report["started_at"] <= report["ended_at"]
+    assert [(e["role"], e["content"]) for e in report["transcript"]] == [
+        ("assistant", call.client.application.extensions["ivr"].prompts.get("greeting")),
+        ("user", "I need opening hours."),
+        ("assistant", "You said: I need opening hours."),
+    ]
+    assert all(e["at"] for e in report["transcript"])
+
+
+def test_the_report_is_signed_as_standard_webhooks_define(report_call, receiver):
+    report_call.start()
+    report_call.hang_up()
+    assert wait_for(lambda: receiver.attempts)
+    (attempt,) = receiver.attempts
+    assert attempt["verified"]
+    headers = {k.lower(): v for k, v in attempt["headers"].items()}
+    assert headers["webhook-id"] == f"msg_{report_call.sid}"
+    assert headers["content-type"] == "application/json"
+    assert Webhook(SECRET).verify(attempt["body"], headers)["call_sid"] == report_call.sid
+    forged = Webhook("whsec_" + "A" * 32)
+    with pytest.raises(Exception, match="signature"):
+        forged.verify(attempt["body"], headers)
+
+
+def test_how_the_call_ended_is_reported(report_call, receiver, fake_openai):
+    call = report_call
+    call.start()
+    fake_openai.queue(CallTool("end_call"))
+    call.say("bye")
+    call.hang_up()
+    assert wait_for(receiver.reports)
+    (report,) = receiver.reports()
+    assert report["ended_by"] == "ended-by-agent"
+    tool_entries = [e for e in report["transcript"] if e["role"] == "tool"]
+    assert json.loads(tool_entries[0]["content"]) == {"status": "ending"}
+    farewell = call.client.application.extensions["ivr"].prompts.get("farewell")
+    assert report["transcript"][-1] == {
+        **report["transcript"][-1],
+        "role": "agent_line",
+        "content": farewell,
+        "kind": "end",
+    }
+
+
+def test_a_503_is_retried_with_the_same_id_until_accepted(report_call, receiver):
+    receiver.status = 503
+    report_call.start()
+    report_call.hang_up()
+    assert wait_for(lambda: len(receiver.attempts) >= 3)
+    receiver.status = 200
+    assert wait_for(receiver.reports)
+    ids = {a["headers"]["Webhook-Id"] for a in receiver.attempts}
+    assert ids == {f"msg_{report_call.sid}"}  # the receiver de-duplicates by it
+    assert len(receiver.reports()) == 1
+
+
+def test_retries_are_bounded_and_the_report_is_kept_aside(report_config, apps, receiver, redis):
+    apps.append(create_app({**report_config, "END_OF_CALL_RETRY_SECONDS": "0.0001"}))
+    call = TwilioCall(apps[-1].test_client())
+    receiver.status = 500
+    call.start()
+    call.hang_up()
+    assert wait_for(lambda: redis.zscore(DEAD, call.sid) is not None, timeout=10)
+    assert len(receiver.attempts) == ATTEMPTS
+    assert redis.zscore(DUE, call.sid) is None
+
+
+def test_a_4xx_is_not_retried(report_call, receiver, redis):
+    receiver.status = 410
+    report_call.start()
+    report_call.hang_up()
+    assert wait_for(lambda: redis.zscore(DEAD, report_call.sid) is not None)
+    assert len(receiver.attempts) == 1
+
+
+def test_repeated_status_callbacks_send_one_report(report_call, receiver):
+    call = report_call
+    call.start()
+    call.hang_up()
+    assert wait_for(receiver.reports)
+    call.hang_up()
+    signed_post(call.client, "/call-status", call.params(CallStatus="completed"))
+    assert not wait_for(lambda: len(receiver.attempts) > 1, timeout=0.3)
+
+
+def test_a_report_queued_by_one_app_is_sent_by_another(report_config, apps, receiver, redis):
+    """The queue is in Redis: an app that stops (a restart) leaves its reports to the next."""
+    first = create_app(report_config)
+    call = TwilioCall(first.test_client())
+    call.start()
+    receiver.status = 503
+    call.hang_up()
+    assert wait_for(lambda: receiver.attempts)
+    first.extensions["ivr"].conversation.reports.close()  # the process is gone
+    receiver.status = 200
+    apps.append(create_app(report_config))  # the restarted process sends it
+    assert wait_for(receiver.reports)
+    assert receiver.reports()[0]["call_sid"] == call.sid
+
+
+def test_the_report_has_the_turn_answered_after_the_call_ended(report_call, receiver, fake_openai):
+    """The caller hung up while the agent was still answering: the answer is in the report."""
+    call = report_call
+    call.start()
+    fake_openai.queue(Reply("Here is the late answer.", delay=0.6))
+    turn = threading.Thread(target=call.say, args=("One more thing?",))
+    turn.start()
+    assert wait_for(lambda: fake_openai.chat_requests)
+    assert call.hang_up().status_code == 204
+    turn.join()
+    assert wait_for(receiver.reports)
+    (report,) = receiver.reports()
+    assert report["transcript"][-1]["content"] == "Here is the late answer."
+
+
+def test_a_webhook_url_needs_a_secret(config, receiver):
+    with pytest.raises(ConfigError) as info:
+        create_app({**config, "END_OF_CALL_WEBHOOK_URL": receiver.url})
+    assert info.value.problems == [
+        "END_OF_CALL_WEBHOOK_SECRET is missing: end-of-call reports are signed with it."
+    ]
+
+
+@pytest.mark.parametrize(
+    "secret, why",
+    [("report-secret", "."), ("whsec_not*base64", "not base64"), ("whsec_c2hvcnQ=", "5 bytes")],
+)
+def test_the_secret_must_be_a_standard_webhooks_secret(config, receiver, secret, why):
+    with pytest.raises(ConfigError) as info:
+        create_app(
+            {
+                **config,
+                "END_OF_CALL_WEBHOOK_URL": receiver.url,
+                "END_OF_CALL_WEBHOOK_SECRET": secret,
+            }
+        )
+    (problem,) = info.value.problems
+    assert problem.startswith("END_OF_CALL_WEBHOOK_SECRET must be whsec_ followed by")
+    assert why in problem
