@@ -24,14 +24,28 @@ def _setting(name: str, default: str) -> str:
     return os.environ.get(name, "").strip() or default
 
 
+def _deadline_worker():
+    """ivr/web/serving.py's worker, loaded by path: the master imports no `ivr` package."""
+    location = os.path.join(os.path.dirname(importlib.util.find_spec("ivr").origin), "web")
+    path = os.path.join(location, "serving.py")
+    spec = importlib.util.spec_from_file_location("_ivr_serving", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Worker
+
+
 bind = f"0.0.0.0:{_setting('PORT', '8000')}"
-worker_class = _setting("GUNICORN_WORKER_CLASS", "gevent")
+# gevent's worker, with a deadline on reading each request (slow clients are closed);
+# GUNICORN_WORKER_CLASS=gevent or gthread picks gunicorn's own, without that deadline.
+worker_class = _setting("GUNICORN_WORKER_CLASS", "") or _deadline_worker()
 # One process per core; WEB_CONCURRENCY is what Heroku-style platforms set.
 # Without REDIS_URL each process would keep its own call state, so a call's
 # turns must all reach the same process: one (on_starting refuses more).
 workers = int(_setting("WEB_CONCURRENCY", "2" if _setting("REDIS_URL", "") else "1"))
 # gevent: concurrent requests (calls in a turn, or live streams) per process.
-worker_connections = int(_setting("GUNICORN_WORKER_CONNECTIONS", "1000"))
+# Room for a flood of slow clients (each closed within seconds) beside the real calls:
+# a greenlet and a socket each, well under the platform's 10,000 open files.
+worker_connections = int(_setting("GUNICORN_WORKER_CONNECTIONS", "4000"))
 # gthread, if chosen instead: threads per process.
 threads = int(_setting("GUNICORN_THREADS", "64"))
 
@@ -46,6 +60,9 @@ keepalive = 75
 forwarded_allow_ips = _setting("FORWARDED_ALLOW_IPS", "*")
 
 accesslog = "-"
+# gunicorn's default format without %(u)s, the HTTP Basic user: a password typed into the
+# user box of the call log's sign-in would otherwise be written to the log.
+access_log_format = '%(h)s %(l)s - %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'
 errorlog = "-"
 loglevel = _setting("LOG_LEVEL", "info")
 

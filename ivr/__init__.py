@@ -61,8 +61,12 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
     app.register_blueprint(voice_bp)
     app.register_blueprint(streaming_bp)
     from . import web
+    from .web.limits import MAX_BODY_BYTES, MAX_FIELDS, RequestLimits
 
     web.init_app(app)  # the call log and /metrics, when ADMIN_PASSWORD is set
+    # Outermost: an oversized or overfull body is refused before anything else runs.
+    app.wsgi_app = RequestLimits(app.wsgi_app)  # type: ignore[method-assign]
+    app.config.update(MAX_CONTENT_LENGTH=MAX_BODY_BYTES, MAX_FORM_PARTS=MAX_FIELDS)
     return app
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 
 from flask import abort, request
 
@@ -23,11 +24,26 @@ def signature_is_valid() -> bool:
     return is_signed(request, get_services().settings)
 
 
+# Twilio's parameter names: CallSid, SpeechResult, ... Its signature joins names and
+# values with nothing between them, so a signed body can be re-split into other names
+# ("please do not " + "transfer meTo") under the same signature; names of any other
+# shape are refused. SIP calls may carry SipHeader_<header name> too.
+_TWILIO_NAME = re.compile(r"[A-Z][A-Za-z0-9]*|SipHeader_[A-Za-z0-9-]+")
+
+
+def has_twilio_names(form) -> bool:
+    """Whether every parameter name in the form has the shape of Twilio's."""
+    return all(_TWILIO_NAME.fullmatch(name) for name in form)
+
+
 def twilio_signed(view):
     """Refuse (403, no TwiML) any request not signed by Twilio for this URL."""
 
     @functools.wraps(view)
     def wrapper(*args, **kwargs):
+        if not has_twilio_names(request.form):
+            log.warning("refused parameter names Twilio never sends, at %s", request.path)
+            abort(403)
         if get_services().settings.validate_twilio_signature and not signature_is_valid():
             log.warning("refused unsigned or forged request to %s", request.path)
             abort(403)
