@@ -256,10 +256,7 @@ class Hold:
             last = None
         text = pick_line(self.prompts, last.decode() if isinstance(last, bytes) else last)
         try:
-            with self.redis.pipeline(transaction=False) as pipe:
-                pipe.set(key, text, ex=self.settings.call_ttl)
-                pipe.execute()
-            self.store.append(sid, "agent_line", text, "gather", kind="hold")
+            self.store.record_hold_line(sid, text)
         except redis.RedisError as exc:
             log.warning("call %s: hold line not recorded: %s", sid, exc)
         return {"kind": "hold", "text": text, "next": turn + 1, "wait": turn}

@@ -9,6 +9,7 @@ whole call on one shard and MULTI transactions over them are allowed:
     ivr:{CA…}:claim:N     lease (gather/claims.py): the worker answering turn N
     ivr:{CA…}:answering   lease: some turn of the call is being answered
     ivr:{CA…}:reported    the end-of-call report is queued (report.py)
+    ivr:{CA…}:hold        the last hold line said (gather/hold.py)
 
 Expiry only ever grows: every write refreshes the keys to CALL_TTL_SECONDS,
 and once the call has ended to TRANSCRIPT_RETENTION_SECONDS, which a later
@@ -208,6 +209,15 @@ class CallStore:
     def append(self, sid: str, role: str, content: str, mode: str, **extra) -> None:
         with self.redis.pipeline(transaction=True) as pipe:
             self._push(pipe, sid, _entry(role, content, mode, **extra))
+            self._expire_all(pipe, sid, self.ttl)
+            pipe.execute()
+
+    def record_hold_line(self, sid: str, text: str) -> None:
+        """A hold line said (gather/hold.py): in the transcript, and kept as the call's
+        last one under `ivr:{CA…}:hold`, so the next is another; one round trip."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._key(sid, "hold"), text, ex=self.ttl)
+            self._push(pipe, sid, _entry("agent_line", text, "gather", kind="hold"))
             self._expire_all(pipe, sid, self.ttl)
             pipe.execute()
 
