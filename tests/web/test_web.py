@@ -431,3 +431,19 @@ def test_with_an_https_public_base_url_plain_http_goes_there_not_to_a_forwarded_
     )
     assert secure.status_code == 200
     assert "evil.example" not in secure.get_data(as_text=True)
+
+
+@pytest.mark.parametrize(
+    "page", ["0", "-1", "00", "abc", "1.5", "", "99999999999999999999", str(10**20), "2"]
+)
+def test_a_page_out_of_range_is_404_never_500(web, page):
+    place_call(web, "hello")  # one call: one page
+    assert web.get(f"/calls?page={page}", headers=AUTH).status_code == 404
+    assert web.get(f"/calls?mode=gather&page={page}", headers=AUTH).status_code == 404
+
+
+def test_the_first_page_is_there_with_or_without_calls(web):
+    assert web.get("/calls", headers=AUTH).status_code == 200
+    assert web.get("/calls?page=1", headers=AUTH).status_code == 200
+    place_call(web, "hello")
+    assert get_page(web, "/calls?page=1").text("caller") == ["+1•••••4567"]
