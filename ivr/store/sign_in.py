@@ -54,7 +54,12 @@ class SignInFailures:
                 pipe.set(key, 0, ex=self.window, nx=True)
                 pipe.incr(key)
                 pipe.ttl(key)
-                _, _, ttl = pipe.execute()
+                _, count, ttl = pipe.execute()
+            if count == self.limit:
+                # Once per window, not once per refused guess: a guesser cannot flood the log.
+                log.warning(
+                    "sign-ins from %s held off for %d s after %d failures", addr, ttl, count
+                )
             if ttl < 0:
                 # The key expired between SET and INCR, and INCR made a new one
                 # with no expiry: give it its window, or the address stays locked.

@@ -53,7 +53,6 @@ def check_credentials() -> Response | None:
     client = request.remote_addr or "unknown"
     wait = failures.retry_after(client)
     if wait is not None:
-        log.warning("sign-in refused for %s: too many failed attempts", client)
         return Response(
             f"Too many failed sign-ins: try again in {wait} s.\n",
             429,
