@@ -37,8 +37,14 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
         use_json(log)
     app = Flask(__name__)
     # Heroku-style routers terminate TLS and say so in X-Forwarded-Proto; the
-    # signature check needs the https URL Twilio actually called.
-    app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1, x_host=1)  # type: ignore[method-assign]
+    # signature check needs the https URL Twilio actually called. The router
+    # appends the client's address to X-Forwarded-For: its last hop is the
+    # client whose failed sign-ins are counted (web/access.py). A host named by
+    # PUBLIC_BASE_URL is the only one: X-Forwarded-Host, which any client can
+    # send, is then ignored, so no URL the app builds points elsewhere.
+    app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+        app.wsgi_app, x_for=1, x_proto=1, x_host=0 if settings.public_base_url else 1
+    )
     services = app.extensions["ivr"] = build_services(settings, prompts)
     # An app is full of reference cycles, so only the cyclic garbage collector
     # frees it, finalising its objects in no set order: a socket finalised before

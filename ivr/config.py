@@ -23,6 +23,10 @@ MAX_LLM_DEADLINE = 12.0
 # Procfile and `heroku run`, whether or not the package is installed editable.
 DEFAULT_PROMPTS_DIR = Path("prompts")
 
+# The call log's password faces the internet with only a per-client limit on
+# guesses (web/access.py): a short one falls to a patient guesser.
+MIN_ADMIN_PASSWORD = 12
+
 
 class ConfigError(Exception):
     """Raised at start-up with one sentence per configuration problem."""
@@ -266,6 +270,11 @@ def _check(s: Settings) -> list[str]:
         problems.append(
             "REDIS_CLUSTER=true needs REDIS_URL to name one node of the cluster "
             "(redis:// or rediss://)."
+        )
+    if s.admin_password and len(s.admin_password) < MIN_ADMIN_PASSWORD:
+        problems.append(
+            f"ADMIN_PASSWORD must be at least {MIN_ADMIN_PASSWORD} characters long "
+            f"(it is {len(s.admin_password)}): it guards every call's transcript."
         )
     if s.log_format not in ("text", "json"):
         problems.append(f"LOG_FORMAT must be text or json, not {s.log_format!r}.")

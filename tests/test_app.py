@@ -49,3 +49,30 @@ def test_the_redis_client_serves_as_many_concurrent_waits_as_a_worker_holds(conf
     for thread in threads:
         thread.join()
     assert failures == []
+
+
+def _seen(app):
+    """What a view sees of the request once ProxyFix has read the router's headers."""
+    from flask import request
+
+    app.add_url_rule("/seen", "seen", lambda: {"host": request.host, "client": request.remote_addr})
+    client = app.test_client()
+    client.environ_base["REMOTE_ADDR"] = "10.1.2.3"  # the router
+    headers = {
+        "X-Forwarded-Host": "evil.example",
+        "X-Forwarded-For": "192.0.2.9, 203.0.113.7",  # a client's own claim, then the router's
+        "X-Forwarded-Proto": "https",
+    }
+    return client.get("/seen", headers=headers).get_json()
+
+
+def test_a_forwarded_host_is_ignored_once_public_base_url_names_the_host(config):
+    seen = _seen(create_app({**config, "PUBLIC_BASE_URL": "https://calls.example.org"}))
+    assert seen["host"] == "localhost"
+
+
+def test_without_public_base_url_the_forwarded_host_and_client_are_honoured(config):
+    seen = _seen(create_app(config))
+    assert seen["host"] == "evil.example"
+    # The last hop, appended by the router: what the client wrote before it is not trusted.
+    assert seen["client"] == "203.0.113.7"

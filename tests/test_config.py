@@ -438,3 +438,17 @@ def test_a_report_secret_is_a_standard_webhooks_secret(secret, refused):
         assert problems(**env) == [SECRET_RULE + refused]
     else:
         assert load_settings(environ={}, overrides={**BASE, **env}).end_of_call_webhook_secret
+
+
+def test_a_short_admin_password_is_refused_in_one_sentence(prompts_dir):
+    short = "a" * 11
+    (problem,) = problems(ADMIN_PASSWORD=short, PROMPTS_DIR=str(prompts_dir))
+    assert problem.startswith("ADMIN_PASSWORD must be at least 12 characters")
+    assert problem.count(". ") == 0 and problem.endswith(".")
+    assert short not in problem  # the sentence reaches the logs: never the password
+    # Twelve characters is enough, and unset still means no call log at all.
+    ok = load_settings(
+        environ={}, overrides={**BASE, "ADMIN_PASSWORD": "a" * 12, "PROMPTS_DIR": str(prompts_dir)}
+    )
+    assert ok.admin_password == "a" * 12
+    assert load_settings(environ={}, overrides=BASE).admin_password == ""

@@ -35,8 +35,12 @@ def is_signed(request, settings: Settings) -> bool:
     secret = settings.twilio_auth_token
     settings_header = request.headers.get(SIGNATURE_SETTINGS_HEADER)
     # A Webhook Setting with a SharedKey signs with that key's secret, and may
-    # ask for HMAC-SHA256 instead of the legacy HMAC-SHA1.
-    if settings_header and settings.twilio_webhook_signing_secret:
+    # ask for HMAC-SHA256 instead of the legacy HMAC-SHA1. Once the secret is
+    # configured it is the only key: a request without the settings header
+    # does not get to fall back to the auth token's scheme.
+    if settings.twilio_webhook_signing_secret:
+        if not settings_header:
+            return False
         secret = settings.twilio_webhook_signing_secret
     algorithm = get_signature_algorithm(settings_header)
     validator = RequestValidator(secret)

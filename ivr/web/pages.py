@@ -24,6 +24,9 @@ bp = Blueprint(
 # Seconds between reloads of a page that shows a live call.
 REFRESH_SECONDS = 5
 SID = re.compile(r"^[A-Za-z0-9]{1,64}$")
+# A page number as the links write it. Nine digits keep its offset far inside
+# the signed 64-bit index Redis takes (a larger one made ZREVRANGE fail: 500).
+PAGE = re.compile(r"^[1-9][0-9]{0,8}$")
 
 bp.before_request(check_credentials)
 bp.after_request(secure_headers)
@@ -70,8 +73,13 @@ def calls():
         # The last four digits at most: the search box never puts a number in a URL.
         digits="".join(c for c in args.get("digits", "") if c.isdigit())[-4:],
     )
-    page = max(1, args.get("page", 1, type=int) or 1)
+    raw_page = args.get("page", "1")
+    if not PAGE.match(raw_page):
+        abort(404)
+    page = int(raw_page)
     rows, more = _log().page(page, filters)
+    if page > 1 and not rows:
+        abort(404)  # past the last page: no such page, as for an unknown call
     reveal = _reveal()
     return render_template(
         "calls.html",

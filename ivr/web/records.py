@@ -103,6 +103,8 @@ class CallLog:
             rows = [r for r in self._rows(sids) if r is not None]
             more = len(rows) > PER_PAGE
             return self._with_transcripts(rows[:PER_PAGE]), more
+        if skip >= SCAN_LIMIT:
+            return [], False  # a filtered page only ever comes from the newest SCAN_LIMIT
         found: list[CallRow] = []
         for start in range(0, SCAN_LIMIT, SCAN_CHUNK):
             sids = [

@@ -114,6 +114,29 @@ def test_hmac_sha256_with_a_shared_key(config):
     assert response.status_code == 403
 
 
+def test_once_a_shared_key_is_set_the_auth_token_scheme_is_refused(config):
+    secret = "shared-key-secret"
+    client = create_app({**config, "TWILIO_WEBHOOK_SIGNING_SECRET": secret}).test_client()
+    url = "http://localhost/voice"
+    # The legacy scheme, chosen by leaving the settings header out: HMAC-SHA1
+    # with the auth token, or with the secret itself. Neither is the key's scheme.
+    for token in (AUTH_TOKEN, secret):
+        signature = RequestValidator(token).compute_signature(url, PARAMS)
+        response = client.post("/voice", data=PARAMS, headers={"X-Twilio-Signature": signature})
+        assert response.status_code == 403, token
+        assert b"<Response" not in response.get_data()
+    # The same request as the shared key signs it is served.
+    settings = "key=webhooks_sharedkey_123,algorithm=HMAC_SHA256"
+    signature = RequestValidator(secret).compute_signature(url, PARAMS, "HMAC_SHA256")
+    response = client.post(
+        "/voice",
+        data=PARAMS,
+        headers={"X-Twilio-Signature": signature, "X-Twilio-Webhooks-Signature-Settings": settings},
+    )
+    assert response.status_code == 200
+    parse(response)
+
+
 def test_hmac_sha256_with_the_auth_token(client):
     url = "http://localhost/voice"
     signature = RequestValidator(AUTH_TOKEN).compute_signature(url, PARAMS, "HMAC_SHA256")
@@ -202,6 +225,9 @@ def test_a_handshake_signed_with_hmac_sha256_and_a_shared_key(config):
     # Signed with the auth token instead of the shared key's secret: refused.
     by_token = RequestValidator(AUTH_TOKEN).compute_signature(WS_URL, {}, "HMAC_SHA256")
     assert not _handshake_is_valid(app, {**headers, "X-Twilio-Signature": by_token})
+    # Nor does the auth token's legacy HMAC-SHA1 pass without the settings header.
+    legacy = RequestValidator(AUTH_TOKEN).compute_signature(WS_URL, {})
+    assert not _handshake_is_valid(app, {"X-Twilio-Signature": legacy})
 
 
 def test_a_forged_handshake_never_reaches_the_relay(client, caplog):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 from html.parser import HTMLParser
 
@@ -330,3 +331,119 @@ def test_the_report_delivery_state_is_shown(config, fake_openai):
         assert wait_for(lambda: store.meta(refused.sid).get("report") == "refused")
     assert get_page(web, f"/calls/{delivered.sid}").text("report") == ["delivered"]
     assert get_page(web, f"/calls/{refused.sid}").text("report") == ["refused"]
+
+
+# -- hostile input: guessing, plain http, absurd pages -----------------------------------
+
+# The platform's router is every request's peer; the client is the hop it appended.
+ROUTER = {"REMOTE_ADDR": "10.1.2.3"}
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def from_client(addr: str, headers: dict[str, str] | None = None) -> dict[str, str]:
+    return {"X-Forwarded-For": addr, "X-Forwarded-Proto": "https", **(headers or {})}
+
+
+def test_a_guesser_is_held_off_after_ten_failures_a_minute_on_every_worker(config, redis):
+    # Two apps on one Redis: two workers (or dynos) share one count.
+    workers = [create_app({**config, "ADMIN_PASSWORD": PASSWORD}).test_client() for _ in range(2)]
+    for worker in workers:
+        worker.environ_base.update(ROUTER)
+    guesser = "203.0.113.7"
+    for n in range(10):
+        response = workers[n % 2].get(
+            "/calls", headers=from_client(guesser, basic("admin", f"guess-{n}-password"))
+        )
+        assert response.status_code == 401, n
+    # The eleventh try is not checked at all, even with the right password.
+    for worker in workers:
+        response = worker.get("/calls", headers=from_client(guesser, AUTH))
+        assert response.status_code == 429
+        assert 0 < int(response.headers["Retry-After"]) <= 60
+        assert PASSWORD not in response.get_data(as_text=True)
+    assert 0 < redis.ttl(f"ivr:admin:failures:{guesser}") <= 60
+    # The owner, from another address behind the same router, still gets in.
+    owner = workers[0].get("/calls", headers=from_client("198.51.100.2", AUTH))
+    assert owner.status_code == 200
+
+
+def test_a_few_mistakes_and_visits_without_credentials_do_not_lock_the_owner_out(web):
+    for _ in range(20):  # a browser's first request of a visit has no credentials
+        assert web.get("/calls").status_code == 401
+    for n in range(9):
+        assert web.get("/calls", headers=basic("admin", f"typo-{n}-password")).status_code == 401
+    assert web.get("/calls", headers=AUTH).status_code == 200
+
+
+def test_sign_in_still_works_with_redis_down(config, caplog):
+    # Nothing listens on port 1: every count fails; the password check needs no Redis.
+    app = create_app({**config, "ADMIN_PASSWORD": PASSWORD, "REDIS_URL": "redis://127.0.0.1:1"})
+    web = app.test_client()
+    with caplog.at_level(logging.WARNING, logger="ivr"):
+        assert web.get("/metrics", headers=AUTH).status_code == 200
+        assert web.get("/metrics", headers=basic("admin", "not-the-password")).status_code == 401
+    assert "sign-in failure" in caplog.text
+
+
+def test_over_https_the_pages_ask_browsers_to_stay_on_https(web):
+    call = place_call(web, "hello")
+    for path in ("/calls", f"/calls/{call.sid}", f"/calls/{call.sid}.json", "/metrics"):
+        response = web.get(path, headers={**AUTH, "X-Forwarded-Proto": "https"})
+        assert response.status_code == 200, path
+        assert response.headers["Strict-Transport-Security"] == "max-age=31536000"
+
+
+def test_plain_http_through_the_router_is_sent_to_https_before_any_sign_in(web):
+    response = web.get(
+        "/calls?mode=gather&page=1",
+        headers={"X-Forwarded-Proto": "http", "X-Forwarded-Host": "agent.example.com"},
+    )
+    assert response.status_code == 308
+    assert response.headers["Location"] == "https://agent.example.com/calls?mode=gather&page=1"
+    assert "WWW-Authenticate" not in response.headers  # no password asked over http
+    metrics = web.get("/metrics", headers={"X-Forwarded-Proto": "http"})
+    assert metrics.status_code == 308
+    assert metrics.headers["Location"] == "https://localhost/metrics"
+
+
+def test_local_development_over_plain_http_still_works(web):
+    response = web.get("/calls", headers=AUTH)  # http://localhost, no proxy
+    assert response.status_code == 200
+    assert "Strict-Transport-Security" not in response.headers
+
+
+def test_with_an_https_public_base_url_plain_http_goes_there_not_to_a_forwarded_host(config):
+    app = create_app(
+        {**config, "ADMIN_PASSWORD": PASSWORD, "PUBLIC_BASE_URL": "https://calls.example.org"}
+    )
+    web = app.test_client()
+    for headers in ({}, {"X-Forwarded-Proto": "http", "X-Forwarded-Host": "evil.example"}):
+        response = web.get("/calls?page=2", headers={**AUTH, **headers})
+        assert response.status_code == 308
+        assert response.headers["Location"] == "https://calls.example.org/calls?page=2"
+    # Over https the page is served, the spoofed host changing nothing.
+    secure = web.get(
+        "/calls",
+        headers={**AUTH, "X-Forwarded-Proto": "https", "X-Forwarded-Host": "evil.example"},
+    )
+    assert secure.status_code == 200
+    assert "evil.example" not in secure.get_data(as_text=True)
+
+
+@pytest.mark.parametrize(
+    "page", ["0", "-1", "00", "abc", "1.5", "", "99999999999999999999", str(10**20), "2"]
+)
+def test_a_page_out_of_range_is_404_never_500(web, page):
+    place_call(web, "hello")  # one call: one page
+    assert web.get(f"/calls?page={page}", headers=AUTH).status_code == 404
+    assert web.get(f"/calls?mode=gather&page={page}", headers=AUTH).status_code == 404
+
+
+def test_the_first_page_is_there_with_or_without_calls(web):
+    assert web.get("/calls", headers=AUTH).status_code == 200
+    assert web.get("/calls?page=1", headers=AUTH).status_code == 200
+    place_call(web, "hello")
+    assert get_page(web, "/calls?page=1").text("caller") == ["+1•••••4567"]
