@@ -11,7 +11,9 @@ what the environment leaves unset (parsed as a dotenv file, not by a shell).
 
 import importlib.util
 import os
+import signal
 import sys
+import time
 import types
 
 from dotenv import load_dotenv
@@ -51,7 +53,12 @@ threads = int(_setting("GUNICORN_THREADS", "64"))
 
 # Twilio gives up after 15 s; a request still running at 30 s is stuck.
 timeout = 30
-graceful_timeout = 20
+# A stop (a deploy, a restart, a scale-down: SIGTERM) lets held turns, which
+# run behind a hold line for up to TURN_MAX_SECONDS, finish and store their
+# answer. Platforms SIGKILL about 30 s after SIGTERM; this stays under it.
+graceful_timeout = 25
+# worker_exit stops waiting this long before the master's SIGKILL would come.
+STOP_MARGIN = 2.0
 # Above the platform router's idle timeout so the router, not gunicorn, closes idle sockets.
 keepalive = 75
 
@@ -88,6 +95,33 @@ def on_starting(server):
     if problems:
         print("\n".join(problems), file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def post_worker_init(worker):
+    """Note when a stop begins: the master's SIGKILL comes graceful_timeout after it."""
+    handle_exit = worker.handle_exit
+
+    def stopping(sig, frame):
+        worker.stop_began = time.monotonic()
+        handle_exit(sig, frame)
+
+    signal.signal(signal.SIGTERM, stopping)
+
+
+def worker_exit(server, worker):
+    """Requests are done; held turns (answered behind a hold line, stored in Redis
+    for a /turn-wait that may reach any instance) get the rest of the grace period,
+    and answers not yet stored get their last tries."""
+    services = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("ivr")
+    if services is None:
+        return
+    kill_at = getattr(worker, "stop_began", time.monotonic()) + server.cfg.graceful_timeout
+
+    def left() -> float:
+        return max(0.0, kill_at - STOP_MARGIN - time.monotonic())
+
+    services.conversation.hold.close(timeout=left())
+    services.conversation.backlog.close(timeout=min(3.0, left()))
 
 
 def _app_problems() -> list[str]:

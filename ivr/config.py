@@ -17,6 +17,9 @@ from pathlib import Path
 # Twilio waits 15 s in total for a webhook answer; the LLM's share must leave
 # room for Redis, TwiML rendering and the network on both sides.
 TWILIO_WEBHOOK_LIMIT = 15.0
+# What a webhook gives itself, whatever Redis or the LLM do: Twilio's limit less
+# room for the network and a busy worker.
+WEBHOOK_ANSWER_SECONDS = 12.0
 MAX_LLM_DEADLINE = 12.0
 
 # Relative to the working directory: the app's root, where the platform runs the

@@ -23,8 +23,8 @@ from .agent.tools import registry as tool_registry
 from .config import Settings
 from .gather.claims import Leases
 from .gather.turn import Conversation
-from .store.calls import CallStore
-from .store.cluster import ClusterClient
+from .store.calls import REDIS_STEP_SECONDS, REDIS_TIMEOUT, CallStore
+from .store.cluster import CLUSTER_STEP_SECONDS, ClusterClient
 from .store.report import ReportQueue
 from .stream.breaker import StreamBreaker
 from .stream.control import CallControl
@@ -52,6 +52,8 @@ class Services:
         # the process lives; a report it leaves is still queued in Redis.
         if self.conversation.reports is not None:
             self.conversation.reports.stop()
+        # What callers heard but Redis has not taken yet: a last few tries.
+        self.conversation.backlog.close(timeout=BACKLOG_CLOSE_SECONDS)
         self.redis.close()
         self.openai.close()
 
@@ -59,6 +61,8 @@ class Services:
 def get_services() -> Services:
     return current_app.extensions["ivr"]
 
+
+BACKLOG_CLOSE_SECONDS = 3.0
 
 # redis-py 8 caps a client's pool at 100 connections and refuses the 101st at
 # once ("Too many connections"). A gevent worker serves up to 1000 requests at
@@ -83,11 +87,21 @@ def build_redis(url: str, cluster: bool = False) -> redis.Redis | ClusterClient:
         )
         return fakeredis.FakeRedis()
     options = {
-        # Fail fast: a webhook must answer within Twilio's limit even if Redis is gone.
-        "socket_connect_timeout": 1.0,
-        "socket_timeout": 1.0,
-        "retry": Retry(ExponentialBackoff(cap=0.1, base=0.02), 1),
-        "health_check_interval": 30,
+        # Fail fast: a webhook must answer within Twilio's limit even if Redis is
+        # gone or frozen. One step costs at most REDIS_STEP_SECONDS (store/calls.py),
+        # which the turn's budget counts on.
+        "socket_connect_timeout": REDIS_TIMEOUT,
+        "socket_timeout": REDIS_TIMEOUT,
+        # A dropped connection (a restart, an idle socket the network closed) is
+        # retried once on a new one. A timeout is not: the server is there but
+        # frozen or overloaded, and a second wait would double every step.
+        "retry": Retry(
+            ExponentialBackoff(cap=0.1, base=0.02), 1, supported_errors=(redis.ConnectionError,)
+        ),
+        # No health check: its PING, its own timeout and its own retry came on top
+        # of the command's after an idle spell (4 s a step against a frozen
+        # server). A dead idle connection fails the command, which is retried.
+        "health_check_interval": 0,
     }
     if url.startswith("rediss://"):
         # Heroku Redis presents a self-signed certificate; the connection is
@@ -113,6 +127,8 @@ def build_services(settings: Settings, prompts: Prompts) -> Services:
         openai_client.realtime  # noqa: B018
     store = CallStore(
         redis_client,
+        # A cluster client retries for its failover budget, then one read timeout.
+        step_seconds=CLUSTER_STEP_SECONDS if settings.redis_cluster else REDIS_STEP_SECONDS,
         history_max=settings.history_max_messages,
         ttl=settings.call_ttl,
         retention=settings.transcript_retention,

@@ -48,6 +48,12 @@ class Leases:
                     self._renewer = None
         return self.owner
 
+    def claimant(self) -> str:
+        """A name for one request's claim: this worker's id and a token of the request's
+        own, so a claim a retried command left is known for this request's, and no
+        other request of this worker mistakes it for its own."""
+        return f"{self.owner_id()}/{uuid.uuid4().hex[:8]}"
+
     def hold(self, *keys: str) -> None:
         """Keep renewing `keys` (already set to `owner_id()` with a lease)."""
         self.owner_id()
@@ -71,7 +77,7 @@ class Leases:
             # Only the holder drops it: after a takeover it is someone else's.
             # WATCH, not a script: the in-process store has no Lua.
             def drop(pipe, key=key):
-                if _text(pipe.get(key)) == self.owner:
+                if _text(pipe.get(key)).partition("/")[0] == self.owner:
                     pipe.multi()
                     pipe.delete(key)
 

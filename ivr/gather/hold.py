@@ -35,6 +35,7 @@ import time
 import redis
 
 from ..agent.prompts import pick_line
+from . import budget
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class Hold:
             log.error("call %s turn %s: cannot hold (%s); answering inline", sid, turn, exc)
             try:
                 result = self._answer(
-                    self.conversation, sid, turn, heard, started + settings.llm_deadline
+                    self.conversation, sid, turn, heard, self.conversation.inline_deadline(started)
                 )
             except BaseException:
                 self._release(sid, claim)
@@ -106,6 +107,8 @@ class Hold:
             return True
 
         def work():
+            # No webhook waits for this work (it runs in a context of its own).
+            budget.clear()
             try:
                 # A ready answer still being stored when HOLD_AFTER_SECONDS is up
                 # (Redis slow or frozen) is given by the request, not held.

@@ -22,10 +22,12 @@ from ..agent.llm import LLMUnavailable, Responder
 from ..agent.prompts import Prompts
 from ..agent.speakable import make_speakable
 from ..agent.tools import ToolCall, ToolRegistry
-from ..config import Settings
+from ..config import WEBHOOK_ANSWER_SECONDS, Settings
 from ..store import calllog
+from ..store.backlog import Backlog
 from ..store.calls import CallStore, TurnRecord
 from ..telephony import twiml
+from . import budget
 from .claims import Leases
 from .hold import Hold
 
@@ -34,6 +36,9 @@ log = logging.getLogger(__name__)
 
 # How often a repeated delivery looks for the first delivery's stored answer.
 REPLAY_POLL_SECONDS = 0.1
+# The LLM's answer comes this long before the webhook must answer: rendering and
+# the writes that fit take no more, and those that do not wait in the backlog.
+ANSWER_MARGIN = 0.5
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,8 @@ class Conversation:
         self.tools = tools
         self.leases = leases
         self.reports = reports  # a report.ReportQueue, when END_OF_CALL_WEBHOOK_URL is set
+        # What the caller heard but Redis could not take yet (a restart): retried.
+        self.backlog = Backlog()
         self.hold = Hold(self)  # slow turns: hold lines and /turn-wait
 
     # -- entry points -------------------------------------------------------------
@@ -104,8 +111,23 @@ class Conversation:
         return {"kind": "answer", "text": text, "next": turn}
 
     def take_turn(self, sid: str, turn: int | None, heard: Heard, started: float) -> dict:
-        """Answer turn `turn` of call `sid`; `started` is the request's monotonic time."""
-        deadline = started + self.settings.llm_deadline
+        """Answer turn `turn` of call `sid`; `started` is the request's monotonic time.
+
+        Whatever Redis does, the answer is ready WEBHOOK_ANSWER_SECONDS after
+        `started`: a Redis step that would end later is skipped.
+        """
+        with budget.answering(started):
+            return self._take_turn(sid, turn, heard, started)
+
+    def inline_deadline(self, started: float) -> float:
+        """When an unheld turn's LLM answer must be in."""
+        return min(
+            started + self.settings.llm_deadline,
+            started + WEBHOOK_ANSWER_SECONDS - ANSWER_MARGIN,
+        )
+
+    def _take_turn(self, sid: str, turn: int | None, heard: Heard, started: float) -> dict:
+        deadline = self.inline_deadline(started)
         calllog.begin_turn(started)  # timings for the call log
         if not turn:
             return self._answer_and_record(sid, turn, heard, deadline)
@@ -130,7 +152,8 @@ class Conversation:
         """/turn-wait: a held turn's answer, as soon as it is stored."""
         if not turn:
             return {"kind": "error", "text": self.prompts.line("error"), "next": None}
-        return self.hold.wait(sid, turn)
+        with budget.answering(time.monotonic()):
+            return self.hold.wait(sid, turn)
 
     def apologise(self, sid: str, turn: int | None) -> dict:
         """Something unexpected failed: sorry, and the call goes on with a numbered Gather."""
@@ -163,7 +186,7 @@ class Conversation:
         """
         settings = self.settings
         deadline = started + (settings.hold_after or settings.llm_deadline)
-        owner = self.leases.owner_id()
+        owner = self.leases.claimant()
         while True:
             stored, claimed = self._safely(
                 sid,
@@ -203,8 +226,26 @@ class Conversation:
                 {"role": "agent_line", "content": result["text"], "kind": result["kind"]},
             ]
         messages = calllog.annotate(messages)
-        self._safely(sid, "end turn", lambda: self.store.end_turn(sid, turn, result, messages))
+        self._heard(sid, "turn answer", lambda: self.store.end_turn(sid, turn, result, messages))
         return result
+
+    def _heard(self, sid: str, what: str, write: Callable[[], None]) -> None:
+        """Store what the caller already heard: now if Redis takes it in the time the
+        request has, else from the backlog, as soon as Redis is back."""
+        if self._flush_backlog(sid) and self._room():
+            try:
+                write()
+                return
+            except redis.RedisError as exc:
+                log.error("call %s: Redis failed during %s: %s; retrying it", sid, what, exc)
+        self.backlog.add(sid, what, write)
+
+    def _flush_backlog(self, sid: str) -> bool:
+        """The call's earlier unstored writes first, so its transcript keeps its order."""
+        return self.backlog.flush(sid, room=self._room)
+
+    def _room(self) -> bool:
+        return budget.leaves_room(self.store.step_seconds)
 
     def answer_turn(
         self, sid: str, turn: int | None, heard: Heard, deadline: float
@@ -225,7 +266,26 @@ class Conversation:
         else:
             words = heard.speech
 
+        self._flush_backlog(sid)
         record = self._safely(sid, "record caller", lambda: self.store.record_caller(sid, words))
+        result, messages = self._reply(sid, turn, heard, words, record, deadline, next_turn)
+        if record is None:
+            # Not recorded (Redis down): the words go with the answer, into the
+            # backlog if need be, so they are never lost.
+            messages = [{"role": "user", "content": words}, *messages]
+        return result, messages
+
+    def _reply(
+        self,
+        sid: str,
+        turn: int | None,
+        heard: Heard,
+        words: str,
+        record: TurnRecord | None,
+        deadline: float,
+        next_turn: int | None,
+    ) -> tuple[dict, list[dict]]:
+        settings = self.settings
         history = record.history if record else [{"role": "user", "content": words}]
         limit = self._limit_reached(record)
         if limit:
@@ -315,6 +375,9 @@ class Conversation:
         return {"kind": "reprompt", "text": self.prompts.line("reprompt"), "next": next_turn}
 
     def _safely(self, sid: str, what: str, action: Callable, default=None):
+        if not self._room():
+            log.error("call %s: %s skipped: the webhook's time is nearly up", sid, what)
+            return default
         try:
             return action()
         except redis.RedisError as exc:

@@ -27,6 +27,13 @@ import redis
 
 log = logging.getLogger(__name__)
 
+# The Redis client's connect and read timeouts (services.py builds it).
+REDIS_TIMEOUT = 1.0
+# The longest one Redis step can take: a dropped connection is retried once on a
+# new one (connect, then read), a frozen server costs one read timeout. A turn
+# skips a step that would not fit in what is left of its time.
+REDIS_STEP_SECONDS = 2 * REDIS_TIMEOUT + 0.2
+
 # Far above any real call; stops a runaway loop from growing a key without end.
 TRANSCRIPT_HARD_CAP = 2000
 # Twilio's final call statuses, and how the call ended when the app did not end it.
@@ -55,8 +62,17 @@ class TurnRecord:
 
 
 class CallStore:
-    def __init__(self, client: redis.Redis, *, history_max: int, ttl: int, retention: int):
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        history_max: int,
+        ttl: int,
+        retention: int,
+        step_seconds: float = REDIS_STEP_SECONDS,
+    ):
         self.redis = client
+        self.step_seconds = step_seconds
         self.history_max = history_max
         self.ttl = ttl
         self.retention = retention
@@ -85,14 +101,19 @@ class CallStore:
     def start(self, sid: str, *, caller: str = "", callee: str = "", mode: str = "gather") -> bool:
         """Record a call's arrival; True the first time, False for a repeated /voice."""
         meta = self._key(sid, "meta")
+        stamp = f"{time.time():.6f}"
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hsetnx(meta, "started", f"{time.time():.3f}")
+            pipe.hsetnx(meta, "started", stamp)
             pipe.hsetnx(meta, "from", caller)
             pipe.hsetnx(meta, "to", callee)
             pipe.hsetnx(meta, "status", "in-progress")
             pipe.hsetnx(meta, "mode", mode)
             self._expire_all(pipe, sid, self.ttl)
-            return bool(pipe.execute()[0])
+            pipe.hget(meta, "started")
+            replies = pipe.execute()
+        # The client re-sends the transaction when the connection drops before its
+        # reply: a start time that is our own says the first sending recorded it.
+        return bool(replies[0]) or _text(replies[-1] or b"") == stamp
 
     def finish(self, sid: str, status: str) -> bool:
         """Mark the call ended and keep its record for the retention period.
@@ -255,7 +276,11 @@ class CallStore:
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.hget(self._key(sid, "results"), str(turn))
             pipe.set(claim, owner, nx=True, px=lease_ms)
-            stored, claimed = pipe.execute()
+            pipe.get(claim)
+            stored, claimed, holder = pipe.execute()
+        # The client re-sends the pipeline when the connection drops before its
+        # replies: the first SET may have landed, and the claim it left is ours.
+        claimed = bool(claimed) or _text(holder or b"") == owner
         if claimed and not stored:
             self.redis.set(answering, owner, px=lease_ms)
         return (json.loads(stored) if stored else None), bool(claimed)

@@ -77,6 +77,10 @@ CLUSTER_OPTIONS = {
 }
 
 
+# The longest one step takes on a cluster: the failover budget, then a read.
+CLUSTER_STEP_SECONDS = CLUSTER_OPTIONS["retry"].budget + 1.0
+
+
 class ClusterUnavailable(redis.RedisError):
     """The cluster could not be reached or had no node for a key's slot."""
 

@@ -123,13 +123,18 @@ def test_redis_stopped_mid_turn_then_restarted(config, own_redis, own_client, fa
     assert spoken(call.say("Thanks.")) == ["You said: Thanks."]
     own_client.connection_pool.disconnect()
     said = transcript_of(own_client, call.sid)
-    # Written before the stop, and after the restart; the answer given while
-    # Redis was down could not be recorded (and is logged).
+    # Written before the stop, and after the restart; what was heard while
+    # Redis was down was kept and stored once it was back, in the order said.
     assert said[:2] == [
         ("assistant", app.extensions["ivr"].prompts.get("greeting")),
         ("user", "When do you open?"),
     ]
     assert said[-2:] == [("user", "Thanks."), ("assistant", "You said: Thanks.")]
+    assert said[2:-2] == [
+        ("assistant", "We open at nine."),
+        ("user", "And on Sunday?"),
+        ("assistant", "You said: And on Sunday?"),
+    ]
     assert call.gather.get("action").startswith("/process-speech?turn=")
 
 
