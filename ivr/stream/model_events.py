@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 # when their type is near the start (after at most an event_id).
 AUDIO_DELTA = b'"type":"response.output_audio.delta"'
 AUDIO_DELTA_WITHIN = 96
+# The metadata key a response.create tags its response with: the service returns
+# a response's metadata in its events, and its own responses (turn detection) have none.
+REQUEST_KEY = "relay_request"
 
 
 class ModelEvents:
@@ -98,18 +101,25 @@ class ModelEvents:
             self._in_flight = None
             self._send_next_response()
         if self.control:
-            self.control.on_response_done()
+            self.control.on_response_done(_request_of(event))
 
-    def request_response(self, instructions: str | None = None) -> None:
-        """Ask the model to respond: now if it is free, else once its response is done."""
+    def request_response(self, instructions: str | None = None) -> str:
+        """Ask the model to respond: now if it is free, else once its response is done.
+
+        Returns the request's id, which the response's `response.done` carries
+        back (in its metadata), so a hook can tell this response from the others.
+        """
         with self._response_lock:
             self._request_seq += 1
             event_id = f"relay_rc{self._request_seq}"
-            body = {"instructions": instructions} if instructions else {}
+            body: dict = {"metadata": {REQUEST_KEY: event_id}}
+            if instructions:
+                body["instructions"] = instructions
             message = {"type": "response.create", "event_id": event_id, "response": body}
             self._queued.append((event_id, json.dumps(message)))
             if self._response == "idle":
                 self._send_next_response()
+        return event_id
 
     def _send_next_response(self) -> None:
         """Under the response lock, with no response requested or active."""
@@ -156,3 +166,9 @@ class ModelEvents:
             if self._response == "requested":
                 self._response = "idle"
                 self._send_next_response()
+
+
+def _request_of(event: dict) -> str | None:
+    """The id of our response.create that a response event answers, if it was ours."""
+    metadata = (event.get("response") or {}).get("metadata") or {}
+    return metadata.get(REQUEST_KEY)

@@ -259,9 +259,10 @@ class Relay(TwilioSide, ModelEvents):
         """Agent audio is being generated or has not finished playing."""
         return self._response != "idle" or bool(self._queued) or self._playback.speaking
 
-    def say(self, text: str) -> None:
-        """Have the model speak `text` in its own voice, as soon as it is free."""
-        self.request_response(f"Say exactly this and nothing else: {text}")
+    def say(self, text: str) -> str:
+        """Have the model speak `text` in its own voice, as soon as it is free;
+        returns the request's id (see `request_response`)."""
+        return self.request_response(f"Say exactly this and nothing else: {text}")
 
     def tell(self, words: str) -> None:
         """Add the caller's `words` to the conversation and have the model answer them."""
