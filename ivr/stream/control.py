@@ -318,6 +318,10 @@ class StreamControl:
         settings = self.settings
         while not self._stop.wait(self.TICK):
             now = self.clock()
+            try:
+                self.relay.retry_stalled_request()
+            except Exception as exc:  # the model went away meanwhile; the relay falls back
+                log.info("call %s: next response not sent: %s", self.relay.call_sid, exc)
             if self.done or now < self.retry_at:
                 continue
             if now - self.started_at > settings.max_call_seconds:

@@ -156,7 +156,12 @@ class Relay(TwilioSide, ModelEvents):
                         or self.clock() > self._started_at + HISTORY_WAIT
                     )
                 ):
-                    self._begin()
+                    try:
+                        self._begin()
+                    except Exception as exc:  # the model's socket failed as the call began
+                        if not self._stopping:
+                            self._fail("model-lost", f"model connection lost: {exc!r}")
+                        break
                     started = True
         except Exception as exc:  # the socket closed, or a bug: end the stream either way
             if not self._stopping:

@@ -49,6 +49,7 @@ class RealtimeScript:
     first_audio_ms: int = 0  # a response's latency: its first audio this long after it starts
     tool_call_speech_ms: int = 0  # a tool-calling response speaks this long before its call
     tool_call_done_ms: int = 0  # ... and its response.done comes this long after the call
+    refuse_unnamed: int = 0  # refuse this many response.create, with an error naming no event
 
 
 class RealtimeSession:
@@ -111,7 +112,20 @@ class RealtimeSession:
             self.items.append(item)
             self.send({"type": "conversation.item.added", "item": item})
         elif kind == "response.create":
-            if self.response:
+            if self.script.refuse_unnamed:
+                self.script.refuse_unnamed -= 1
+                # The error's event_id is optional in the service's schema.
+                self.send(
+                    {
+                        "type": "error",
+                        "error": {
+                            "type": "server_error",
+                            "code": None,
+                            "message": "The server had an error while processing your request.",
+                        },
+                    }
+                )
+            elif self.response:
                 self.refuse_second_response(event)
             else:
                 body = event.get("response", {})

@@ -306,3 +306,33 @@ def test_a_fallback_with_redis_at_its_usual_speed_is_recorded_too(serve, own_red
     direct.close()
     assert "caller turn 2" in lines
     assert counted
+
+
+def test_a_refused_greeting_that_names_no_event_does_not_silence_the_call(
+    serve, fake_openai, twilio_api
+):
+    """The service refuses the greeting's response.create with an error that carries no
+    event_id: the next response the relay asks for (a key press here) still goes out."""
+    live = serve()
+    fake_openai.realtime.response_ms = 200
+    fake_openai.realtime.refuse_unnamed = 1
+    media = open_stream(live)
+    assert wait_for(lambda: fake_openai.events("fake.error_sent"))
+    media.press("5")
+    assert wait_for(lambda: len(fake_openai.events("response.create")) == 2)
+    assert wait_for(lambda: fake_openai.events("fake.response_started"))
+    assert wait_for(lambda: media.events("media"))  # the caller hears the answer
+    media.hang_up()
+    (error,) = fake_openai.events("fake.error_sent")
+    assert "event_id" not in error["error"]
+
+
+def test_a_greeting_that_is_not_refused_is_spoken(serve, fake_openai, twilio_api):
+    """The control for the test above."""
+    live = serve()
+    fake_openai.realtime.response_ms = 200
+    media = open_stream(live)
+    assert wait_for(lambda: fake_openai.events("fake.response_started"))
+    assert wait_for(lambda: media.events("media"))
+    media.hang_up()
+    assert fake_openai.events("fake.error_sent") == []
