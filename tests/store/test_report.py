@@ -10,10 +10,11 @@ from standardwebhooks import Webhook
 
 from ivr import create_app
 from ivr.config import ConfigError
+from ivr.store import report as report_module
 from ivr.store.report import ATTEMPTS, DEAD, DUE
 
 from ..fakes.openai_server import CallTool, Reply
-from ..fakes.webhook_receiver import SECRET, WebhookReceiver
+from ..fakes.webhook_receiver import SECRET, TricklingReceiver, WebhookReceiver
 from ..twilio_sim import TwilioCall, signed_post
 from ..waiting import wait_for
 
@@ -203,3 +204,46 @@ def test_the_secret_must_be_a_standard_webhooks_secret(config, receiver, secret,
     (problem,) = info.value.problems
     assert problem.startswith("END_OF_CALL_WEBHOOK_SECRET must be whsec_ followed by")
     assert why in problem
+
+
+def _two_senders(report_config, apps, url: str, retry: str):
+    """Two apps (two workers) on one Redis, both running report senders."""
+    config = {**report_config, "END_OF_CALL_WEBHOOK_URL": url, "END_OF_CALL_RETRY_SECONDS": retry}
+    apps.extend([create_app(config), create_app(config)])
+    return TwilioCall(apps[0].test_client())
+
+
+def test_a_receiver_answering_slowly_but_steadily_never_gets_the_report_twice_at_once(
+    report_config, apps, monkeypatch
+):
+    """A byte every 0.2 s keeps every read within its timeout; the attempt as a whole is
+    still cut off before its lease ends, so the other sender never posts it meanwhile."""
+    monkeypatch.setattr(report_module, "TIMEOUT", 1.0)
+    monkeypatch.setattr(report_module, "LEASE", 2.0)
+    slow = TricklingReceiver(body_bytes=60, every=0.2)  # 12 s to answer in full
+    try:
+        call = _two_senders(report_config, apps, slow.url, retry="0.3")
+        call.start()
+        call.hang_up()
+        assert wait_for(lambda: len(slow.intervals) >= 2, timeout=15)
+        assert slow.most_at_once() == 1
+        assert len(set(slow.ids)) == 1  # the same report, retried
+    finally:
+        slow.stop()
+
+
+def test_a_receiver_answering_slowly_within_the_bound_gets_the_report_once(
+    report_config, apps, redis, monkeypatch
+):
+    """The control: a slow answer that ends within the attempt's bound is a delivery."""
+    monkeypatch.setattr(report_module, "TIMEOUT", 4.0)
+    slow = TricklingReceiver(body_bytes=2, every=0.2)
+    try:
+        call = _two_senders(report_config, apps, slow.url, retry="0.3")
+        call.start()
+        call.hang_up()
+        assert wait_for(lambda: redis.zcard(DUE) == 0 and slow.intervals, timeout=10)
+        assert len(slow.intervals) == 1 and slow.intervals[0][1]
+        assert redis.zcard(DEAD) == 0
+    finally:
+        slow.stop()
