@@ -247,3 +247,39 @@ def test_a_receiver_answering_slowly_within_the_bound_gets_the_report_once(
         assert redis.zcard(DEAD) == 0
     finally:
         slow.stop()
+
+
+def test_the_report_waits_for_every_turn_in_flight(report_config, apps, receiver, fake_openai):
+    """The caller speaks over a hold line, so turn 2 is being answered while turn 1 is
+    still being answered too; turn 1 is stored first and the caller hangs up. The
+    report waits for turn 2's answer as well."""
+    apps.append(create_app({**report_config, "HOLD_AFTER_SECONDS": "0.3"}))
+    call = TwilioCall(apps[-1].test_client())
+    redis = apps[-1].extensions["ivr"].store.redis
+    call.start()
+    fake_openai.queue(Reply("First answer.", delay=1.0), Reply("Second answer.", delay=3.0))
+    call.say("What about my order?")  # held: a hold line
+    call.say("And a refund?")  # over the hold line: turn 2, held as well
+    results = f"ivr:{{{call.sid}}}:results"
+    assert wait_for(lambda: redis.hexists(results, 1), timeout=5)
+    assert not redis.hexists(results, 2)  # still being answered
+    assert call.hang_up().status_code == 204
+    assert wait_for(receiver.reports, timeout=10)
+    (report,) = receiver.reports()
+    contents = [e["content"] for e in report["transcript"]]
+    assert "First answer." in contents
+    assert "Second answer." in contents
+
+
+def test_a_turn_whose_worker_died_does_not_hold_the_report(report_config, apps, receiver, redis):
+    """The control: a turn left in flight by a worker that died (its lease lapsed) is
+    not waited for."""
+    apps.append(create_app(report_config))
+    call = TwilioCall(apps[-1].test_client())
+    call.start()
+    store = apps[-1].extensions["ivr"].store
+    assert store.begin_turn(call.sid, 7, "a-dead-worker", 50) == (None, True)
+    assert store.is_answering(call.sid)
+    assert wait_for(lambda: not store.is_answering(call.sid))  # its lease lapsed
+    call.hang_up()
+    assert wait_for(receiver.reports)
