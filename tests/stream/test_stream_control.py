@@ -183,6 +183,27 @@ def test_end_call_waits_for_the_goodbyes_own_audio_not_the_calling_responses_end
     assert max(media.echo_times) <= media.closed_at
 
 
+def test_end_call_hangs_up_after_a_bounded_wait_when_the_goodbye_never_comes(
+    serve, fake_openai, twilio_api, monkeypatch
+):
+    from ivr.stream.control import StreamControl
+
+    monkeypatch.setattr(StreamControl, "FAREWELL_GRACE", 1.0)
+    live = serve()
+    script = fake_openai.realtime
+    script.response_ms = 300
+    script.tool_calls = [("end_call", "{}")]
+    media = open_stream(live)
+    assert wait_for(lambda: fake_openai.events("fake.response_started"))  # the greeting
+    script.refuse_unnamed = 1  # the goodbye's response.create is refused
+    media.talk([("silence", 300), ("speech", 400), ("silence", 300)])
+    twiml = exit_after_close(live, media)
+    media.close()
+    assert [child.tag for child in twiml] == ["Hangup"]
+    assert len(fake_openai.events("fake.error_sent")) == 1
+    assert len(fake_openai.events("fake.response_started")) == 1  # no goodbye was spoken
+
+
 def test_a_tool_that_raises_in_streaming_gives_an_error_output(serve, fake_openai, twilio_api):
     live = serve(TOOLS_MODULES="tests.agent_tools_example")
     fake_openai.realtime.response_ms = 300
