@@ -100,7 +100,7 @@ def post(session: requests.Session, url: str, *, total: float, **kwargs) -> requ
     try:
         response = session.post(url, headers=headers, timeout=total, **kwargs)
     except requests.RequestException:
-        raise
+        raise  # requests' own errors (OSErrors too) as they are: a shut socket is one
     except OSError as exc:  # the socket shut under a read outside requests' own wrapping
         raise requests.ConnectionError(exc) from exc
     finally:

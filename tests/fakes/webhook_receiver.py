@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import base64
 import logging
+import select
+import socket
 import threading
+import time
 
 from flask import Flask, request
 from standardwebhooks import Webhook, WebhookVerificationError
@@ -78,8 +81,6 @@ class TricklingReceiver:
     """
 
     def __init__(self, body_bytes: int, every: float):
-        import socket
-
         self.body_bytes = body_bytes
         self.every = every
         self.intervals: list[list[float]] = []  # [opened, closed or 0.0 while open]
@@ -109,9 +110,6 @@ class TricklingReceiver:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn) -> None:
-        import select
-        import time
-
         with self._lock:
             span = [time.monotonic(), 0.0]
             self.intervals.append(span)
