@@ -7,7 +7,8 @@ whole call on one shard and MULTI transactions over them are allowed:
     ivr:{CA…}:transcript  list of JSON entries {role, content, ts, mode}
     ivr:{CA…}:results     hash: turn number -> the answer already given (replays)
     ivr:{CA…}:claim:N     lease (gather/claims.py): the worker answering turn N
-    ivr:{CA…}:answering   lease: some turn of the call is being answered
+    ivr:{CA…}:answering:N lease: turn N is being answered (the report waits for it)
+    ivr:{CA…}:in-flight   set: turns whose answering lease may still be live
     ivr:{CA…}:reported    the end-of-call report is queued (report.py)
     ivr:{CA…}:hold        the last hold line said (gather/hold.py)
 
@@ -261,7 +262,7 @@ class CallStore:
 
     def claim_keys(self, sid: str, turn: int) -> tuple[str, str]:
         """The leases a delivery holds while it answers `turn` (see gather/claims.py)."""
-        return self._key(sid, f"claim:{turn}"), self._key(sid, "answering")
+        return self._key(sid, f"claim:{turn}"), self._key(sid, f"answering:{turn}")
 
     def begin_turn(
         self, sid: str, turn: int, owner: str, lease_ms: int
@@ -282,12 +283,24 @@ class CallStore:
         # replies: the first SET may have landed, and the claim it left is ours.
         claimed = bool(claimed) or _text(holder or b"") == owner
         if claimed and not stored:
-            self.redis.set(answering, owner, px=lease_ms)
+            # A lease per turn: a caller talking over a hold line has two turns
+            # answered at once, and storing one must not end the other's.
+            in_flight = self._key(sid, "in-flight")
+            with self.redis.pipeline(transaction=True) as pipe:
+                pipe.set(answering, owner, px=lease_ms)
+                pipe.sadd(in_flight, turn)
+                pipe.expire(in_flight, self.ttl)
+                pipe.execute()
         return (json.loads(stored) if stored else None), bool(claimed)
 
     def is_answering(self, sid: str) -> bool:
-        """Whether a live worker is answering a turn of the call right now."""
-        return bool(self.redis.exists(self._key(sid, "answering")))
+        """Whether a live worker is answering any turn of the call right now."""
+        turns = self.redis.smembers(self._key(sid, "in-flight"))
+        if not turns:
+            return False
+        # A turn whose worker died keeps its member, but its lease lapses.
+        leases = [self._key(sid, f"answering:{_text(t)}") for t in turns]
+        return bool(self.redis.exists(*leases))
 
     def stored_result(self, sid: str, turn: int) -> dict | None:
         raw = self.redis.hget(self._key(sid, "results"), str(turn))
@@ -321,6 +334,7 @@ class CallStore:
                 pipe.hsetnx(self._key(sid, "results"), str(turn), json.dumps(result))
                 # Answered: a replay finds the result, and the report need not wait.
                 pipe.delete(*self.claim_keys(sid, turn))
+                pipe.srem(self._key(sid, "in-flight"), turn)
             self._expire_all(pipe, sid, self.ttl)
             pipe.execute()
 

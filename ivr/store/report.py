@@ -35,7 +35,7 @@ import redis
 import requests
 from standardwebhooks import Webhook
 
-from . import calllog
+from . import bounded_post, calllog
 from .calls import CallStore, ended_by
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ ATTEMPTS_KEY = "ivr:{reports}:attempts"
 DEAD = "ivr:{reports}:dead"
 
 ATTEMPTS = 9  # with the default 2 s unit the last one is about 12 hours after the call
-TIMEOUT = 10.0
+TIMEOUT = 10.0  # an attempt's whole duration: connecting, sending, the receiver's answer
 LEASE = TIMEOUT + 5.0  # longer than any attempt, so a live sender never loses its report
 POLL_MAX = 1.0  # how long an idle sender sleeps before looking for due reports again
 BUSY_RECHECK = 0.25  # how soon to look again when a turn of the call is still being answered
@@ -93,7 +93,7 @@ class ReportQueue:
         self.url = url
         self.webhook = Webhook(secret)
         self.backoff = backoff
-        self.session = requests.Session()
+        self.session = bounded_post.bounded_session()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -200,8 +200,10 @@ class ReportQueue:
             "webhook-signature": self.webhook.sign(message_id, now, body),
         }
         try:
-            response = self.session.post(
-                self.url, data=body.encode(), headers=headers, timeout=TIMEOUT
+            # Bounded in all, not per read: a receiver answering a byte at a
+            # time would otherwise outlive the lease, and a second sender post it.
+            response = bounded_post.post(
+                self.session, self.url, total=TIMEOUT, data=body.encode(), headers=headers
             )
         except requests.RequestException as exc:
             log.warning("call %s: report not delivered (%s); will retry", sid, exc)

@@ -157,6 +157,7 @@ class StreamControl:
         self.silences = 0
         self.turns = 0
         self.ending_since: float | None = None  # the agent is saying goodbye
+        self.farewell_request: str | None = None  # the goodbye's own response.create
         self.farewell_said = False
         self.done = False
         self.retry_at = 0.0  # no limit is enforced again before this
@@ -187,9 +188,12 @@ class StreamControl:
         if self.turns > self.settings.max_turns:
             self._finish("limit-reached", "turn_limit")
 
-    def on_response_done(self) -> None:
+    def on_response_done(self, request: str | None = None) -> None:
+        """A response is done; `request` is the id of our response.create it answered."""
         self.last_activity = self.clock()
-        if self.ending_since is not None:
+        # Only the goodbye's own response counts: the one that called end_call
+        # (or any other) ends before the goodbye has even started.
+        if self.ending_since is not None and request and request == self.farewell_request:
             self.farewell_said = True
             if not self.relay.is_speaking():
                 self._finish("ended-by-agent")
@@ -261,8 +265,8 @@ class StreamControl:
             relay.send_tool_output(call_id, output, respond=False)
             # The model says the goodbye in its own voice; the call ends once
             # the caller has heard it (on_response_done / on_played).
+            self.farewell_request = relay.say(self.control.prompts.line("farewell"))
             self.ending_since = self.clock()
-            relay.say(self.control.prompts.line("farewell"))
         else:
             # If the hold line is still being said, the relay asks for the
             # answer once that response is done (one response at a time).
@@ -314,6 +318,10 @@ class StreamControl:
         settings = self.settings
         while not self._stop.wait(self.TICK):
             now = self.clock()
+            try:
+                self.relay.retry_stalled_request()
+            except Exception as exc:  # the model went away meanwhile; the relay falls back
+                log.info("call %s: next response not sent: %s", self.relay.call_sid, exc)
             if self.done or now < self.retry_at:
                 continue
             if now - self.started_at > settings.max_call_seconds:

@@ -21,6 +21,13 @@ log = logging.getLogger(__name__)
 # when their type is near the start (after at most an event_id).
 AUDIO_DELTA = b'"type":"response.output_audio.delta"'
 AUDIO_DELTA_WITHIN = 96
+# The metadata key a response.create tags its response with: the service returns
+# a response's metadata in its events, and its own responses (turn detection) have none.
+REQUEST_KEY = "relay_request"
+ALREADY_ACTIVE = "conversation_already_has_active_response"
+# A response.create unanswered this long (no response.created, no error) is let
+# go: the service answers one in well under a second.
+REQUEST_STALL_SECONDS = 5.0
 
 
 class ModelEvents:
@@ -37,6 +44,7 @@ class ModelEvents:
         # next is sent only once the response is idle again.
         self._in_flight: tuple[str, str] | None = None
         self._request_seq = 0
+        self._requested_at = 0.0
 
     def _read_model(self) -> None:
         handlers = self._model_handlers
@@ -98,18 +106,25 @@ class ModelEvents:
             self._in_flight = None
             self._send_next_response()
         if self.control:
-            self.control.on_response_done()
+            self.control.on_response_done(_request_of(event))
 
-    def request_response(self, instructions: str | None = None) -> None:
-        """Ask the model to respond: now if it is free, else once its response is done."""
+    def request_response(self, instructions: str | None = None) -> str:
+        """Ask the model to respond: now if it is free, else once its response is done.
+
+        Returns the request's id, which the response's `response.done` carries
+        back (in its metadata), so a hook can tell this response from the others.
+        """
         with self._response_lock:
             self._request_seq += 1
             event_id = f"relay_rc{self._request_seq}"
-            body = {"instructions": instructions} if instructions else {}
+            body: dict = {"metadata": {REQUEST_KEY: event_id}}
+            if instructions:
+                body["instructions"] = instructions
             message = {"type": "response.create", "event_id": event_id, "response": body}
             self._queued.append((event_id, json.dumps(message)))
             if self._response == "idle":
                 self._send_next_response()
+        return event_id
 
     def _send_next_response(self) -> None:
         """Under the response lock, with no response requested or active."""
@@ -117,7 +132,42 @@ class ModelEvents:
             return
         self._in_flight = self._queued.popleft()
         self._response = "requested"
+        self._requested_at = self.clock()
         self.model.send_raw(self._in_flight[1])
+
+    def _refuses(self, event_id: str, error: dict) -> bool:
+        """Whether `error` refuses our response.create `event_id` (under the response lock).
+
+        The service names the event an error is about, but not always. Without
+        a name, an error that says a response.create was refused, or any error
+        while our request awaits its answer and no response has started (save one
+        about a cancel, the only other request sent then), can only be that
+        request's refusal; taking it for anything else would leave every later
+        response queued behind it, and the caller in silence.
+        """
+        named = error.get("event_id")
+        if named:
+            return named == event_id
+        code = error.get("code") or ""
+        if code == ALREADY_ACTIVE:
+            return True
+        return self._response == "requested" and not code.startswith("response_cancel")
+
+    def retry_stalled_request(self) -> None:
+        """Let go of a response.create that got neither a response nor an error within
+        REQUEST_STALL_SECONDS, so the responses queued behind it go ahead."""
+        with self._response_lock:
+            stalled = self.clock() - self._requested_at >= REQUEST_STALL_SECONDS
+            if self._response != "requested" or not stalled:
+                return
+            log.warning(
+                "call %s: no answer to %s; asking for the next response",
+                self.call_sid or "?",
+                self._in_flight[0] if self._in_flight else "a response",
+            )
+            self._in_flight = None
+            self._response = "idle"
+            self._send_next_response()
 
     def _on_function_call(self, event: dict) -> None:
         if self.control:
@@ -148,11 +198,17 @@ class ModelEvents:
         )
         with self._response_lock:
             refused = self._in_flight
-            if refused is None or refused[0] != error.get("event_id"):
+            if refused is None or not self._refuses(refused[0], error):
                 return
             self._in_flight = None
-            if error.get("code") == "conversation_already_has_active_response":
+            if error.get("code") == ALREADY_ACTIVE:
                 self._queued.appendleft(refused)  # again, once that response is done
             if self._response == "requested":
                 self._response = "idle"
                 self._send_next_response()
+
+
+def _request_of(event: dict) -> str | None:
+    """The id of our response.create that a response event answers, if it was ours."""
+    metadata = (event.get("response") or {}).get("metadata") or {}
+    return metadata.get(REQUEST_KEY)

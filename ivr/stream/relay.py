@@ -42,6 +42,9 @@ MAX_EARLY_FRAMES = 250  # caller audio kept while the model connects: 5 s of 20 
 WAIT_TICK = 0.05  # how often the caller's loop looks at the model while it connects
 NO_START_GRACE = 3.0  # seconds past the connect budget to wait for Twilio's `start`
 HISTORY_WAIT = 0.5  # how long the greeting waits for the call's history from Redis
+# How long the stream's last writes may hold its close: the <Connect action>
+# that Twilio requests at once reads them (the history, the breaker's count).
+DRAIN_SECONDS = 1.5
 
 
 class ModelUnavailable(Exception):
@@ -153,7 +156,12 @@ class Relay(TwilioSide, ModelEvents):
                         or self.clock() > self._started_at + HISTORY_WAIT
                     )
                 ):
-                    self._begin()
+                    try:
+                        self._begin()
+                    except Exception as exc:  # the model's socket failed as the call began
+                        if not self._stopping:
+                            self._fail("model-lost", f"model connection lost: {exc!r}")
+                        break
                     started = True
         except Exception as exc:  # the socket closed, or a bug: end the stream either way
             if not self._stopping:
@@ -259,9 +267,10 @@ class Relay(TwilioSide, ModelEvents):
         """Agent audio is being generated or has not finished playing."""
         return self._response != "idle" or bool(self._queued) or self._playback.speaking
 
-    def say(self, text: str) -> None:
-        """Have the model speak `text` in its own voice, as soon as it is free."""
-        self.request_response(f"Say exactly this and nothing else: {text}")
+    def say(self, text: str) -> str:
+        """Have the model speak `text` in its own voice, as soon as it is free;
+        returns the request's id (see `request_response`)."""
+        return self.request_response(f"Say exactly this and nothing else: {text}")
 
     def tell(self, words: str) -> None:
         """Add the caller's `words` to the conversation and have the model answer them."""
@@ -296,7 +305,7 @@ class Relay(TwilioSide, ModelEvents):
         log.info("call %s: closing the stream (%s)", self.call_sid or "?", outcome)
         self.outcome = outcome
         self._stopping = True
-        close_quietly(self.twilio)
+        self._close_twilio()
 
     # -- shared ------------------------------------------------------------------------
 
@@ -313,6 +322,15 @@ class Relay(TwilioSide, ModelEvents):
         self.outcome = outcome
         self.writer.submit("stream breaker failure", self.on_failure, reason)
         self._stopping = True
+        self._close_twilio()
+
+    def _close_twilio(self) -> None:
+        """Close Twilio's socket once the call's writes are in Redis (or DRAIN_SECONDS
+        have passed): the <Connect action> Twilio then requests reads them."""
+        if not self.writer.drain(DRAIN_SECONDS):
+            log.warning(
+                "call %s: Redis writes still pending as the stream closes", self.call_sid or "?"
+            )
         close_quietly(self.twilio)
 
     def _shutdown(self) -> None:
@@ -324,3 +342,5 @@ class Relay(TwilioSide, ModelEvents):
             close_quietly(self.model)  # an open realtime session bills by the minute
         if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(timeout=2)
+        # The route closes Twilio's socket once this returns: the writes first.
+        self.writer.drain(DRAIN_SECONDS)

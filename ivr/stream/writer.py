@@ -29,6 +29,7 @@ class CallWriter:
         self._jobs: collections.deque = collections.deque()
         self._wake = threading.Condition()
         self._closed = False
+        self._busy = False  # a job is running now
         self._thread: threading.Thread | None = None
 
     def submit(self, what: str, fn: Callable, *args, **kwargs) -> None:
@@ -45,13 +46,23 @@ class CallWriter:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True, name="call-writer")
                 self._thread.start()
-            self._wake.notify()
+            self._wake.notify_all()
 
     def close(self) -> None:
         """No new writes; those queued still run (the thread ends when they are done)."""
         with self._wake:
             self._closed = True
-            self._wake.notify()
+            self._wake.notify_all()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for every write submitted so far; True when all are done.
+
+        Closing the stream makes Twilio request its <Connect action> at once,
+        and that request reads what the writer may still be writing (the last
+        transcript lines, the breaker's failure): the relay drains it first.
+        """
+        with self._wake:
+            return self._wake.wait_for(lambda: not (self._jobs or self._busy), timeout)
 
     def join(self, timeout: float | None = None) -> None:
         if self._thread is not None:
@@ -65,7 +76,12 @@ class CallWriter:
                 if not self._jobs:
                     return
                 what, fn, args, kwargs = self._jobs.popleft()
+                self._busy = True
             try:
                 fn(*args, **kwargs)
             except Exception as exc:  # Redis down or slow: the call goes on without it
                 log.error("call %s: %s failed: %s", self.call_sid, what, exc)
+            finally:
+                with self._wake:
+                    self._busy = False
+                    self._wake.notify_all()

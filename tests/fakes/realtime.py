@@ -46,6 +46,10 @@ class RealtimeScript:
     answers: list[str] = field(default_factory=list)  # transcripts, in order
     tool_calls: list[tuple[str, str]] = field(default_factory=list)  # (name, arguments)
     error_mid_response: bool = False  # the first response sends a server `error` halfway
+    first_audio_ms: int = 0  # a response's latency: its first audio this long after it starts
+    tool_call_speech_ms: int = 0  # a tool-calling response speaks this long before its call
+    tool_call_done_ms: int = 0  # ... and its response.done comes this long after the call
+    refuse_unnamed: int = 0  # refuse this many response.create, with an error naming no event
 
 
 class RealtimeSession:
@@ -108,10 +112,24 @@ class RealtimeSession:
             self.items.append(item)
             self.send({"type": "conversation.item.added", "item": item})
         elif kind == "response.create":
-            if self.response:
+            if self.script.refuse_unnamed:
+                self.script.refuse_unnamed -= 1
+                # The error's event_id is optional in the service's schema.
+                self.send(
+                    {
+                        "type": "error",
+                        "error": {
+                            "type": "server_error",
+                            "code": None,
+                            "message": "The server had an error while processing your request.",
+                        },
+                    }
+                )
+            elif self.response:
                 self.refuse_second_response(event)
             else:
-                self.start_response(event.get("response", {}).get("instructions", ""))
+                body = event.get("response", {})
+                self.start_response(body.get("instructions", ""), body.get("metadata"))
         elif kind == "input_audio_buffer.append":
             self.listen(base64.b64decode(event["audio"]))
         elif kind == "conversation.item.truncate":
@@ -192,17 +210,32 @@ class RealtimeSession:
             }
         )
 
-    def start_response(self, instructions: str = "") -> None:
+    def start_response(self, instructions: str = "", metadata: dict | None = None) -> None:
         if self.response:
             return  # the service's own turn detection does not stack responses either
+        tool = None
         if self.script.tool_calls and not instructions:
-            self.call_tool(*self.script.tool_calls.pop(0))
-            return
+            tool = self.script.tool_calls.pop(0)
+            if not self.script.tool_call_speech_ms:
+                self.call_tool(*tool, metadata=metadata)
+                return
         answers = self.script.answers
         scripted = instructions.partition("Say exactly this and nothing else: ")[2]
-        transcript = scripted or (answers.pop(0) if answers else f"agent answer {self.turns}")
+        if tool:
+            transcript = f"calling {tool[0]}"
+        else:
+            transcript = scripted or (answers.pop(0) if answers else f"agent answer {self.turns}")
         rid, item = self._id("resp"), self._id("item")
-        self.response = {"id": rid, "item_id": item, "sent_ms": 0, "transcript": transcript}
+        self.response = {
+            "id": rid,
+            "item_id": item,
+            "sent_ms": 0,
+            "transcript": transcript,
+            "metadata": metadata,  # the service returns it in the response's events
+            "started": time.monotonic(),
+            "tool": tool,
+            "length_ms": self.script.tool_call_speech_ms if tool else self.script.response_ms,
+        }
         with self.lock:  # what the fake said, for tests that need its item ids
             self.log.append(
                 {
@@ -213,14 +246,26 @@ class RealtimeSession:
                     "instructions": instructions,
                 }
             )
-        self.send({"type": "response.created", "response": {"id": rid, "status": "in_progress"}})
+        self.send(
+            {
+                "type": "response.created",
+                "response": {"id": rid, "status": "in_progress", "metadata": metadata},
+            }
+        )
 
     def speak(self) -> None:
         response = self.response
         if not response:
             return
+        now = time.monotonic()
+        if response.get("done_at"):
+            if now >= response["done_at"]:
+                self.finish_response("completed")
+            return
+        if now - response["started"] < self.script.first_audio_ms / 1000:
+            return
         for _ in range(CHUNKS_PER_TICK):
-            if response["sent_ms"] >= self.script.response_ms:
+            if response["sent_ms"] >= response["length_ms"]:
                 self.send(
                     {
                         "type": "response.output_audio_transcript.done",
@@ -231,6 +276,22 @@ class RealtimeSession:
                         "transcript": response["transcript"],
                     }
                 )
+                if response["tool"]:
+                    name, arguments = response["tool"]
+                    self.send(
+                        {
+                            "type": "response.function_call_arguments.done",
+                            "response_id": response["id"],
+                            "item_id": self._id("item"),
+                            "output_index": 1,
+                            "call_id": self._id("call"),
+                            "name": name,
+                            "arguments": arguments,
+                        }
+                    )
+                    if self.script.tool_call_done_ms:
+                        response["done_at"] = now + self.script.tool_call_done_ms / 1000
+                        return
                 self.finish_response("completed")
                 return
             if (
@@ -263,10 +324,15 @@ class RealtimeSession:
                 }
             )
 
-    def call_tool(self, name: str, arguments: str) -> None:
+    def call_tool(self, name: str, arguments: str, metadata: dict | None = None) -> None:
         """A response that is a function call, as the model makes it."""
         rid, item, call_id = self._id("resp"), self._id("item"), self._id("call")
-        self.send({"type": "response.created", "response": {"id": rid, "status": "in_progress"}})
+        self.send(
+            {
+                "type": "response.created",
+                "response": {"id": rid, "status": "in_progress", "metadata": metadata},
+            }
+        )
         self.send(
             {
                 "type": "response.function_call_arguments.done",
@@ -278,8 +344,22 @@ class RealtimeSession:
                 "arguments": arguments,
             }
         )
-        self.send({"type": "response.done", "response": {"id": rid, "status": "completed"}})
+        self.send(
+            {
+                "type": "response.done",
+                "response": {"id": rid, "status": "completed", "metadata": metadata},
+            }
+        )
 
     def finish_response(self, status: str) -> None:
         response, self.response = self.response, None
-        self.send({"type": "response.done", "response": {"id": response["id"], "status": status}})
+        self.send(
+            {
+                "type": "response.done",
+                "response": {
+                    "id": response["id"],
+                    "status": status,
+                    "metadata": response["metadata"],
+                },
+            }
+        )

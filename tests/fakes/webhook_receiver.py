@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import base64
 import logging
+import select
+import socket
 import threading
+import time
 
 from flask import Flask, request
 from standardwebhooks import Webhook, WebhookVerificationError
@@ -68,3 +71,72 @@ class WebhookReceiver:
             return "", 204
 
         return app
+
+
+class TricklingReceiver:
+    """A receiver that answers 200 slowly but steadily: one body byte every `every` s.
+
+    Each request's (opened, closed) times are kept as the server saw them; a
+    client that gives up is seen the moment it shuts its socket.
+    """
+
+    def __init__(self, body_bytes: int, every: float):
+        self.body_bytes = body_bytes
+        self.every = every
+        self.intervals: list[list[float]] = []  # [opened, closed or 0.0 while open]
+        self.ids: list[str] = []
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/hooks/calls"
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def stop(self) -> None:
+        self._closed = True
+        self._listener.close()
+
+    def most_at_once(self) -> int:
+        """The most requests that were open at the same moment."""
+        with self._lock:
+            spans = [(a, b or float("inf")) for a, b in self.intervals]
+        return max((sum(1 for a, b in spans if a <= start < b) for start, _ in spans), default=0)
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn) -> None:
+        with self._lock:
+            span = [time.monotonic(), 0.0]
+            self.intervals.append(span)
+        try:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"webhook-id:"):
+                    with self._lock:
+                        self.ids.append(line.split(b":", 1)[1].strip().decode())
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                + f"Content-Length: {self.body_bytes}\r\nConnection: close\r\n\r\n".encode()
+            )
+            for _ in range(self.body_bytes):
+                # Wait one step, noticing at once a client that gives up (and sends
+                # nothing more: the request body was read with the head, or is ignored).
+                readable, _, _ = select.select([conn], [], [], self.every)
+                if readable and not conn.recv(65536):
+                    return
+                conn.sendall(b"x")
+        except OSError:
+            return
+        finally:
+            span[1] = time.monotonic()
+            conn.close()

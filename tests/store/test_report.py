@@ -10,10 +10,11 @@ from standardwebhooks import Webhook
 
 from ivr import create_app
 from ivr.config import ConfigError
+from ivr.store import report as report_module
 from ivr.store.report import ATTEMPTS, DEAD, DUE
 
 from ..fakes.openai_server import CallTool, Reply
-from ..fakes.webhook_receiver import SECRET, WebhookReceiver
+from ..fakes.webhook_receiver import SECRET, TricklingReceiver, WebhookReceiver
 from ..twilio_sim import TwilioCall, signed_post
 from ..waiting import wait_for
 
@@ -203,3 +204,82 @@ def test_the_secret_must_be_a_standard_webhooks_secret(config, receiver, secret,
     (problem,) = info.value.problems
     assert problem.startswith("END_OF_CALL_WEBHOOK_SECRET must be whsec_ followed by")
     assert why in problem
+
+
+def _two_senders(report_config, apps, url: str, retry: str):
+    """Two apps (two workers) on one Redis, both running report senders."""
+    config = {**report_config, "END_OF_CALL_WEBHOOK_URL": url, "END_OF_CALL_RETRY_SECONDS": retry}
+    apps.extend([create_app(config), create_app(config)])
+    return TwilioCall(apps[0].test_client())
+
+
+def test_a_receiver_answering_slowly_but_steadily_never_gets_the_report_twice_at_once(
+    report_config, apps, monkeypatch
+):
+    """A byte every 0.2 s keeps every read within its timeout; the attempt as a whole is
+    still cut off before its lease ends, so the other sender never posts it meanwhile."""
+    monkeypatch.setattr(report_module, "TIMEOUT", 1.0)
+    monkeypatch.setattr(report_module, "LEASE", 2.0)
+    slow = TricklingReceiver(body_bytes=60, every=0.2)  # 12 s to answer in full
+    try:
+        call = _two_senders(report_config, apps, slow.url, retry="0.3")
+        call.start()
+        call.hang_up()
+        assert wait_for(lambda: len(slow.intervals) >= 2, timeout=15)
+        assert slow.most_at_once() == 1
+        assert len(set(slow.ids)) == 1  # the same report, retried
+    finally:
+        slow.stop()
+
+
+def test_a_receiver_answering_slowly_within_the_bound_gets_the_report_once(
+    report_config, apps, redis, monkeypatch
+):
+    """The control: a slow answer that ends within the attempt's bound is a delivery."""
+    monkeypatch.setattr(report_module, "TIMEOUT", 4.0)
+    slow = TricklingReceiver(body_bytes=2, every=0.2)
+    try:
+        call = _two_senders(report_config, apps, slow.url, retry="0.3")
+        call.start()
+        call.hang_up()
+        assert wait_for(lambda: redis.zcard(DUE) == 0 and slow.intervals, timeout=10)
+        assert len(slow.intervals) == 1 and slow.intervals[0][1]
+        assert redis.zcard(DEAD) == 0
+    finally:
+        slow.stop()
+
+
+def test_the_report_waits_for_every_turn_in_flight(report_config, apps, receiver, fake_openai):
+    """The caller speaks over a hold line, so turn 2 is being answered while turn 1 is
+    still being answered too; turn 1 is stored first and the caller hangs up. The
+    report waits for turn 2's answer as well."""
+    apps.append(create_app({**report_config, "HOLD_AFTER_SECONDS": "0.3"}))
+    call = TwilioCall(apps[-1].test_client())
+    redis = apps[-1].extensions["ivr"].store.redis
+    call.start()
+    fake_openai.queue(Reply("First answer.", delay=1.0), Reply("Second answer.", delay=3.0))
+    call.say("What about my order?")  # held: a hold line
+    call.say("And a refund?")  # over the hold line: turn 2, held as well
+    results = f"ivr:{{{call.sid}}}:results"
+    assert wait_for(lambda: redis.hexists(results, 1), timeout=5)
+    assert not redis.hexists(results, 2)  # still being answered
+    assert call.hang_up().status_code == 204
+    assert wait_for(receiver.reports, timeout=10)
+    (report,) = receiver.reports()
+    contents = [e["content"] for e in report["transcript"]]
+    assert "First answer." in contents
+    assert "Second answer." in contents
+
+
+def test_a_turn_whose_worker_died_does_not_hold_the_report(report_config, apps, receiver, redis):
+    """The control: a turn left in flight by a worker that died (its lease lapsed) is
+    not waited for."""
+    apps.append(create_app(report_config))
+    call = TwilioCall(apps[-1].test_client())
+    call.start()
+    store = apps[-1].extensions["ivr"].store
+    assert store.begin_turn(call.sid, 7, "a-dead-worker", 50) == (None, True)
+    assert store.is_answering(call.sid)
+    assert wait_for(lambda: not store.is_answering(call.sid))  # its lease lapsed
+    call.hang_up()
+    assert wait_for(receiver.reports)

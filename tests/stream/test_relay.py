@@ -379,3 +379,101 @@ def test_a_refused_response_is_asked_for_again_and_the_call_goes_on(rig):
     assert wait_for(lambda: len(_creates(rig)) == 2)
     assert _creates(rig)[1]["response"] == refused["response"]
     assert rig.relay.outcome == "running" and not rig.twilio.closed.is_set()
+
+
+def _refusal(**error) -> dict:
+    return {"type": "error", "error": {"type": "invalid_request_error", "message": "no", **error}}
+
+
+def test_a_refusal_that_names_no_event_frees_the_next_response(rig):
+    """The service refuses our response.create without saying which event it means:
+    it is still that request's refusal, and the next request goes out."""
+    assert wait_for(lambda: rig.relay._reader is not None)
+    rig.relay.say("First.")
+    assert wait_for(lambda: len(_creates(rig)) == 1)
+    rig.relay.say("Second.")
+    rig.model.push(_refusal(code="invalid_value"))  # no event_id
+    assert wait_for(lambda: len(_creates(rig)) == 2)
+    assert "Second." in _creates(rig)[1]["response"]["instructions"]
+    assert rig.relay.outcome == "running"
+
+
+def test_an_unnamed_error_during_a_response_does_not_free_another_request(rig):
+    """The control: an error without an event id while a response is active is about
+    that response; a request queued behind it waits for its response.done."""
+    assert wait_for(lambda: rig.relay._reader is not None)
+    rig.relay.say("First.")
+    assert wait_for(lambda: len(_creates(rig)) == 1)
+    rig.model.push({"type": "response.created", "response": {"id": "r1"}})
+    rig.relay.say("Second.")
+    rig.model.push({"type": "error", "error": {"type": "server_error", "message": "oops"}})
+    # Audio after the error: once it reaches Twilio, the error has been handled.
+    rig.model.push({"type": "response.output_audio.delta", "item_id": "i1", "delta": "AAAA"})
+    assert wait_for(lambda: "twilio:media" in rig.recorder.kinds())
+    assert len(_creates(rig)) == 1  # the service would refuse a second one now
+    rig.model.push({"type": "response.done", "response": {"id": "r1"}})
+    assert wait_for(lambda: len(_creates(rig)) == 2)
+
+
+def test_a_response_create_never_answered_is_let_go(rig, monkeypatch):
+    from ivr.stream import model_events
+
+    assert wait_for(lambda: rig.relay._reader is not None)
+    rig.relay.say("First.")
+    assert wait_for(lambda: len(_creates(rig)) == 1)
+    rig.relay.say("Second.")
+    rig.relay.retry_stalled_request()
+    assert len(_creates(rig)) == 1  # not yet stalled
+    monkeypatch.setattr(model_events, "REQUEST_STALL_SECONDS", 0.0)
+    rig.relay.retry_stalled_request()
+    assert len(_creates(rig)) == 2
+    assert "Second." in _creates(rig)[1]["response"]["instructions"]
+
+
+def _begin_with(send_raw_for) -> tuple[Relay, FakeTwilio, Recorder, list]:
+    """A relay greeting a new caller, over a model whose send_raw is `send_raw_for(working)`."""
+    recorder = Recorder()
+    twilio, model = FakeTwilio(recorder), FakeModel(recorder)
+    model.send_raw = send_raw_for(model.send_raw)
+    failures = []
+    relay = Relay(
+        twilio,
+        lambda: model,
+        store=None,
+        config=RelayConfig(connect_timeout=1, greeting="Hello."),
+        on_failure=failures.append,
+    )
+    relay.thread = threading.Thread(target=relay.run, daemon=True)
+    relay.thread.start()
+    twilio.push(
+        {"event": "start", "streamSid": STREAM, "start": {"streamSid": STREAM, "callSid": "CA1"}}
+    )
+    return relay, twilio, recorder, failures
+
+
+def test_a_model_that_fails_as_the_call_begins_is_a_lost_model_and_counted():
+    def failing_after_the_session_update(working):
+        def send_raw(raw):
+            if '"session.update"' not in raw:
+                raise ConnectionError("socket closed")
+            working(raw)
+
+        return send_raw
+
+    relay, twilio, _, failures = _begin_with(failing_after_the_session_update)
+    relay.thread.join(timeout=5)
+    assert not relay.thread.is_alive()
+    assert relay.outcome == "model-lost"
+    assert twilio.closed.is_set()  # so Twilio's <Connect action> runs Gather mode
+    assert wait_for(lambda: len(failures) == 1)  # and the breaker counts it
+
+
+def test_a_model_that_works_as_the_call_begins_greets_the_caller():
+    """The control for the test above."""
+    relay, twilio, recorder, failures = _begin_with(lambda working: working)
+    assert wait_for(lambda: "model:response.create" in recorder.kinds())
+    assert relay.outcome == "running" and not twilio.closed.is_set()
+    twilio.push({"event": "stop"})
+    relay.thread.join(timeout=5)
+    assert relay.outcome == "caller-hung-up"
+    assert failures == []

@@ -150,6 +150,60 @@ def test_end_call_hangs_up_after_the_goodbye_has_played(
     assert max(media.echo_times) <= media.closed_at
 
 
+def test_end_call_waits_for_the_goodbyes_own_audio_not_the_calling_responses_end(
+    serve, fake_openai, twilio_api, prompts_dir
+):
+    """The response that calls end_call says something first and is done only after
+    the tool has run, while its audio still plays; the goodbye is slow to begin.
+    The stream stays open until the goodbye's own audio has played, not just
+    the calling response's."""
+    live = serve()
+    script = fake_openai.realtime
+    script.response_ms = 300
+    script.tool_call_speech_ms = 1500  # "Okay, let me end the call." then end_call
+    script.tool_call_done_ms = 500  # its response.done comes after end_call has run
+    script.first_audio_ms = 1000  # and each response is slow to start speaking
+    script.tool_calls = [("end_call", "{}")]
+    media = open_stream(live)
+    media.talk([("silence", 500), ("speech", 400), ("silence", 300)])
+    twiml = exit_after_close(live, media)
+    media.close()
+    assert [child.tag for child in twiml] == ["Hangup"]
+    farewell = (prompts_dir / "farewell.txt").read_text().strip()
+    goodbye = [
+        e
+        for e in fake_openai.events("fake.response_started")
+        if farewell in e.get("instructions", "")
+    ]
+    assert len(goodbye) == 1
+    # Both responses' audio reached Twilio (the goodbye's too), and all of it
+    # had played before the stream closed.
+    assert media.audio_ms() >= 1500 + 300
+    assert len(media.marks_echoed) == len(media.events("mark")) > 0
+    assert max(media.echo_times) <= media.closed_at
+
+
+def test_end_call_hangs_up_after_a_bounded_wait_when_the_goodbye_never_comes(
+    serve, fake_openai, twilio_api, monkeypatch
+):
+    from ivr.stream.control import StreamControl
+
+    monkeypatch.setattr(StreamControl, "FAREWELL_GRACE", 1.0)
+    live = serve()
+    script = fake_openai.realtime
+    script.response_ms = 300
+    script.tool_calls = [("end_call", "{}")]
+    media = open_stream(live)
+    assert wait_for(lambda: fake_openai.events("fake.response_started"))  # the greeting
+    script.refuse_unnamed = 1  # the goodbye's response.create is refused
+    media.talk([("silence", 300), ("speech", 400), ("silence", 300)])
+    twiml = exit_after_close(live, media)
+    media.close()
+    assert [child.tag for child in twiml] == ["Hangup"]
+    assert len(fake_openai.events("fake.error_sent")) == 1
+    assert len(fake_openai.events("fake.response_started")) == 1  # no goodbye was spoken
+
+
 def test_a_tool_that_raises_in_streaming_gives_an_error_output(serve, fake_openai, twilio_api):
     live = serve(TOOLS_MODULES="tests.agent_tools_example")
     fake_openai.realtime.response_ms = 300

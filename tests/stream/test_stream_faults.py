@@ -4,6 +4,7 @@ a tool, Twilio's REST API refusing. Each asserts what the caller gets."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -19,10 +20,13 @@ import responses
 
 from ivr import create_app
 from ivr.stream import control as control_module
+from ivr.stream.breaker import FAILURES_KEY, OPEN_KEY
 from ivr.stream.control import StreamControl
 
 from ..conftest import LiveServer
 from ..fakes.redis_server import free_port
+from ..fakes.slow_proxy import SlowProxy
+from ..twilio_sim import TwilioCall
 from ..waiting import wait_for
 from .test_stream_control import CALLS_URL
 from .test_streaming import open_stream
@@ -242,3 +246,93 @@ def test_twilio_hanging_up_while_a_tool_runs_ends_cleanly(serve, fake_openai):
         if e["item"]["type"] == "function_call_output"
     ]
     assert outputs == []
+
+
+def test_a_fallback_closes_the_stream_only_once_its_last_writes_are_in_redis(
+    stream_config, own_redis, fake_openai, prompts_dir
+):
+    """Redis is slow when the model goes away: the stream's last transcript line and the
+    breaker's failure are in Redis when Twilio learns the stream closed (and requests
+    the <Connect action>, which reads them), not some time later."""
+    proxy = SlowProxy(own_redis.port)
+    live = LiveServer(create_app({**stream_config, "REDIS_URL": proxy.url()}))
+    direct = own_redis.client()
+    try:
+        fake_openai.realtime.response_ms = 200
+        media = open_stream(live)
+        sid = media.call_sid
+        transcript = f"ivr:{{{sid}}}:transcript"
+        media.talk([("silence", 300), ("speech", 400), ("silence", 500)])
+        assert wait_for(lambda: direct.llen(transcript) >= 2)  # greeting and caller turn 1
+        proxy.delay = 0.3  # every Redis command from the app now arrives 0.3 s late
+        media.talk([("speech", 400), ("silence", 400)])
+        assert wait_for(lambda: fake_openai.events("fake.response_started")[2:])  # turn 2 heard
+        fake_openai.realtime.drop_after_seconds = 0  # and the model goes away
+        assert media.wait_closed(timeout=8)
+        # Read at once, straight from Redis: what the <Connect action> would find.
+        lines = [json.loads(e)["content"] for e in direct.lrange(transcript, 0, -1)]
+        counted = direct.exists(FAILURES_KEY, OPEN_KEY)  # a failure, or the breaker it opened
+        media.close()
+        assert "caller turn 2" in lines
+        assert counted
+        proxy.delay = 0.0
+        root = TwilioCall(live.app.test_client(), sid=sid).post("/stream-ended")
+        assert root.find("Gather") is not None
+        assert (prompts_dir / "stream_fallback.txt").read_text().strip() in ET.tostring(
+            root, encoding="unicode"
+        )
+    finally:
+        live.stop()
+        direct.close()
+        proxy.close()
+
+
+def test_a_fallback_with_redis_at_its_usual_speed_is_recorded_too(serve, own_redis, fake_openai):
+    """The control: the same fallback without a slow Redis."""
+    live = serve()
+    fake_openai.realtime.response_ms = 200
+    media = open_stream(live)
+    media.talk([("silence", 300), ("speech", 400), ("silence", 500)])
+    direct = own_redis.client()
+    transcript = f"ivr:{{{media.call_sid}}}:transcript"
+    assert wait_for(lambda: direct.llen(transcript) >= 2)
+    media.talk([("speech", 400), ("silence", 400)])
+    assert wait_for(lambda: fake_openai.events("fake.response_started")[2:])
+    fake_openai.realtime.drop_after_seconds = 0
+    assert media.wait_closed(timeout=8)
+    lines = [json.loads(e)["content"] for e in direct.lrange(transcript, 0, -1)]
+    counted = direct.exists(FAILURES_KEY, OPEN_KEY)
+    media.close()
+    direct.close()
+    assert "caller turn 2" in lines
+    assert counted
+
+
+def test_a_refused_greeting_that_names_no_event_does_not_silence_the_call(
+    serve, fake_openai, twilio_api
+):
+    """The service refuses the greeting's response.create with an error that carries no
+    event_id: the next response the relay asks for (a key press here) still goes out."""
+    live = serve()
+    fake_openai.realtime.response_ms = 200
+    fake_openai.realtime.refuse_unnamed = 1
+    media = open_stream(live)
+    assert wait_for(lambda: fake_openai.events("fake.error_sent"))
+    media.press("5")
+    assert wait_for(lambda: len(fake_openai.events("response.create")) == 2)
+    assert wait_for(lambda: fake_openai.events("fake.response_started"))
+    assert wait_for(lambda: media.events("media"))  # the caller hears the answer
+    media.hang_up()
+    (error,) = fake_openai.events("fake.error_sent")
+    assert "event_id" not in error["error"]
+
+
+def test_a_greeting_that_is_not_refused_is_spoken(serve, fake_openai, twilio_api):
+    """The control for the test above."""
+    live = serve()
+    fake_openai.realtime.response_ms = 200
+    media = open_stream(live)
+    assert wait_for(lambda: fake_openai.events("fake.response_started"))
+    assert wait_for(lambda: media.events("media"))
+    media.hang_up()
+    assert fake_openai.events("fake.error_sent") == []
