@@ -59,7 +59,8 @@ def answer_with_stream(sid: str, caller: str, callee: str) -> VoiceResponse | No
 @bp.before_request
 def _before_handshake():
     """The WebSocket handshake is checked before it is accepted, and offered no extensions."""
-    if get_services().settings.validate_twilio_signature and not signature_is_valid():
+    settings = get_services().settings
+    if settings.validate_twilio_signature and not signature_is_valid(websocket=True):
         log.warning("refused unsigned or forged media-stream handshake")
         abort(403)
     _check_upgrade()
