@@ -230,6 +230,26 @@ def test_a_protocol_error_is_answered_with_its_close_code(peer, fake_openai, wir
     assert other.until_close() is not None
 
 
+def test_bad_utf8_in_a_first_fragment_is_refused_before_the_message_ends(peer, fake_openai):
+    twilio = peer()
+    twilio.send(frames.OP_TEXT, b'{"event":"\xc3\x28', fin=False)  # 0xC3 wants a continuation
+    # The final fragment is never sent: the close comes for the fragment alone.
+    close = twilio.until_close()
+    assert close is not None and frames.close_code(close) == 1007
+
+
+def test_a_code_point_split_across_fragments_is_taken(peer, fake_openai):
+    twilio = peer()
+    twilio.send(frames.OP_TEXT, b'{"event":"connected","note":"caf\xc3', fin=False)
+    twilio.send(frames.OP_CONT, b'\xa9"}')
+    twilio.send(frames.OP_PING, b"still open?")
+    twilio.sock.settimeout(5)
+    while not any(op in (frames.OP_PONG, frames.OP_CLOSE) for op, _ in twilio.received):
+        twilio.received += twilio.reader.feed(twilio.sock.recv(65536))
+    assert (frames.OP_PONG, b"still open?") in twilio.received
+    assert not any(op == frames.OP_CLOSE for op, _ in twilio.received)
+
+
 @pytest.mark.parametrize(
     ("headers", "status"),
     [
