@@ -7,18 +7,21 @@ import time
 import pytest
 
 from ivr import create_app
+from ivr.telephony.stream_token import stream_token
 
 from ..conftest import LiveServer
 from ..fakes import realtime
 from ..fakes.twilio_media import TwilioMediaClient
-from ..twilio_sim import AUTH_TOKEN, TwilioCall, new_sid, spoken
+from ..twilio_sim import AUTH_TOKEN, TwilioCall, new_sid, spoken, stream_parameters
 from ..waiting import wait_for
 
 
 def open_stream(live, sid=None, **kwargs) -> TwilioMediaClient:
-    return TwilioMediaClient(
-        live.ws + "/media-stream", AUTH_TOKEN, sid or new_sid(), **kwargs
-    ).start()
+    """The call's stream as Twilio opens it: /voice first, then the <Stream> it named."""
+    sid = sid or new_sid()
+    if "parameters" not in kwargs:
+        kwargs["parameters"] = stream_parameters(live.http, sid)
+    return TwilioMediaClient(live.ws + "/media-stream", AUTH_TOKEN, sid, **kwargs).start()
 
 
 def test_voice_answers_with_connect_stream_and_parameters(stream_config):
@@ -31,7 +34,8 @@ def test_voice_answers_with_connect_stream_and_parameters(stream_config):
     assert stream.get("url") == "wss://agent.example.com/media-stream"
     assert "?" not in stream.get("url")
     params = {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
-    assert params == {"from": call.caller, "to": call.callee}
+    token = stream_token(AUTH_TOKEN, call.sid)
+    assert params == {"from": call.caller, "to": call.callee, "stream_token": token}
     assert root.find("Gather") is None
 
 
@@ -272,6 +276,7 @@ class RawTwilio:
         from wsproto.events import Request
 
         url = server.ws + "/media-stream"
+        self.server = server
         signature = RequestValidator(AUTH_TOKEN).compute_signature(url, {})
         self.conn = WSConnection(ConnectionType.CLIENT)
         self.sock = socket_lib.create_connection(("127.0.0.1", server.port), timeout=5)
@@ -315,12 +320,14 @@ class RawTwilio:
         return None
 
     def start(self, stream_sid: str = "MZ" + "1" * 32) -> None:
+        sid = new_sid()
+        parameters = stream_parameters(self.server.http, sid)
         self.send_json({"event": "connected", "protocol": "Call", "version": "1.0.0"})
         self.send_json(
             {
                 "event": "start",
                 "streamSid": stream_sid,
-                "start": {"streamSid": stream_sid, "callSid": new_sid(), "customParameters": {}},
+                "start": {"streamSid": stream_sid, "callSid": sid, "customParameters": parameters},
             }
         )
 

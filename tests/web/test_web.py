@@ -326,8 +326,11 @@ def test_a_streamed_call_shows_its_latency_and_why_it_fell_back(
     fake_openai.realtime.response_ms = 300
     fake_openai.realtime.answers = ["Welcome to the bakery.", "We have rye today."]
     call = TwilioCall(live.app.test_client(), caller=CALLER)
-    call.start()
-    media = TwilioMediaClient(live.ws + "/media-stream", AUTH_TOKEN, call.sid).start()
+    root = call.start()
+    parameters = {p.get("name"): p.get("value") for p in root.iter("Parameter")}
+    media = TwilioMediaClient(
+        live.ws + "/media-stream", AUTH_TOKEN, call.sid, parameters=parameters
+    ).start()
     media.talk([("silence", 600), ("speech", 400), ("silence", 600)])
     store = live.app.extensions["ivr"].store
     assert wait_for(lambda: len(store.transcript(call.sid)) >= 3)
