@@ -26,7 +26,7 @@ from .fakes.openai_server import Reply
 from .fakes.redis_server import free_port
 from .fakes.twilio_media import TwilioMediaClient
 from .test_serving import ROOT, post
-from .twilio_sim import AUTH_TOKEN, new_sid
+from .twilio_sim import AUTH_TOKEN, new_sid, stream_parameters
 from .waiting import wait_for
 
 
@@ -156,8 +156,12 @@ def test_the_breaker_opened_on_one_instance_holds_on_all(instances, redis, fake_
     fake_openai.realtime.mode = "refuse"
     first = instances[0]
     for _ in range(3):  # STREAM_BREAKER_THRESHOLD
+        sid = new_sid()
         media = TwilioMediaClient(
-            f"ws://127.0.0.1:{first.port}/media-stream", AUTH_TOKEN, new_sid()
+            f"ws://127.0.0.1:{first.port}/media-stream",
+            AUTH_TOKEN,
+            sid,
+            parameters=stream_parameters(f"http://127.0.0.1:{first.port}", sid),
         )
         assert media.start().wait_closed(timeout=5)
         media.close()
@@ -173,7 +177,12 @@ def test_an_instance_killed_mid_stream_hands_the_call_to_another(instances, redi
     relay, fallback, after = instances
     call = RoundRobinTwilio(instances)
     assert call.post("/voice", relay).find("Connect") is not None
-    media = TwilioMediaClient(f"ws://127.0.0.1:{relay.port}/media-stream", AUTH_TOKEN, call.sid)
+    media = TwilioMediaClient(
+        f"ws://127.0.0.1:{relay.port}/media-stream",
+        AUTH_TOKEN,
+        call.sid,
+        parameters=stream_parameters(f"http://127.0.0.1:{relay.port}", call.sid),
+    )
     media.start().talk([("silence", 600), ("speech", 400), ("silence", 500)])
     assert wait_for(lambda: len(users(redis, call.sid)) == 1)
 

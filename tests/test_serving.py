@@ -19,7 +19,7 @@ import requests
 
 from .fakes.openai_server import FakeOpenAI
 from .fakes.redis_server import free_port
-from .twilio_sim import AUTH_TOKEN, new_sid, sign
+from .twilio_sim import AUTH_TOKEN, new_sid, sign, stream_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 TLS = Path(__file__).resolve().parent / "fakes" / "tls"  # a self-signed certificate for 127.0.0.1
@@ -125,8 +125,12 @@ def test_a_streaming_call_through_gunicorn(stream_config, fake_openai, tls, tmp_
     proc = start_gunicorn(env, port, tmp_path / "gunicorn.log")
     try:
         fake_openai.realtime.response_ms = 400
+        sid = new_sid()
         media = TwilioMediaClient(
-            f"ws://127.0.0.1:{port}/media-stream", AUTH_TOKEN, new_sid()
+            f"ws://127.0.0.1:{port}/media-stream",
+            AUTH_TOKEN,
+            sid,
+            parameters=stream_parameters(f"http://127.0.0.1:{port}", sid),
         ).start()
         media.talk([("silence", 300), ("speech", 400), ("silence", 500)])
         assert wait_for(lambda: media.audio_ms() >= 800, timeout=8)

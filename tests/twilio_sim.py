@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import xml.etree.ElementTree as ET
 
+import requests
 from twilio.request_validator import RequestValidator
 
 AUTH_TOKEN = "test-auth-token-0123456789abcdef"
@@ -38,6 +39,22 @@ def signed_post(
     return client.post(
         path, data=params, headers={"X-Twilio-Signature": signature, **(headers or {})}
     )
+
+
+def stream_parameters(base: str, sid: str, **fields: str) -> dict[str, str]:
+    """POST /voice to a served app for `sid`, as Twilio does, and return the
+    <Parameter>s of the <Stream> it answers with (what `start` then carries)."""
+    params = {"CallSid": sid, "From": "+15550001111", "To": "+15550002222", **fields}
+    response = requests.post(
+        base + "/voice",
+        data=params,
+        timeout=20,
+        headers={"X-Twilio-Signature": sign(base + "/voice", params)},
+    )
+    assert response.status_code == 200, response.text
+    stream = ET.fromstring(response.content).find("Connect/Stream")
+    assert stream is not None, response.text
+    return {p.get("name"): p.get("value") for p in stream.iter("Parameter")}
 
 
 def parse(response) -> ET.Element:

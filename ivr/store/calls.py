@@ -11,6 +11,7 @@ whole call on one shard and MULTI transactions over them are allowed:
     ivr:{CA…}:in-flight   set: turns whose answering lease may still be live
     ivr:{CA…}:reported    the end-of-call report is queued (report.py)
     ivr:{CA…}:hold        the last hold line said (gather/hold.py)
+    ivr:{CA…}:stream      the StreamSid of the call's one media stream
 
 Expiry only ever grows: every write refreshes the keys to CALL_TTL_SECONDS,
 and once the call has ended to TRANSCRIPT_RETENTION_SECONDS, which a later
@@ -108,7 +109,12 @@ class CallStore:
             pipe.hsetnx(meta, "from", caller)
             pipe.hsetnx(meta, "to", callee)
             pipe.hsetnx(meta, "status", "in-progress")
-            pipe.hsetnx(meta, "mode", mode)
+            if mode == "stream":
+                # Answered with a stream (a repeated /voice too): the call is in stream
+                # mode now, which is what admits its media stream (claim_stream).
+                pipe.hset(meta, "mode", mode)
+            else:
+                pipe.hsetnx(meta, "mode", mode)
             self._expire_all(pipe, sid, self.ttl)
             pipe.hget(meta, "started")
             replies = pipe.execute()
@@ -211,6 +217,20 @@ class CallStore:
         self.redis.hset(
             self._key(sid, "meta"), mapping={"stream_exit": exit_json, "end_reason": reason}
         )
+
+    def claim_stream(self, sid: str, stream_sid: str) -> bool:
+        """Whether the call is live in stream mode and `stream_sid` is now its one stream.
+
+        One transaction: the claim is taken (SET NX, a call has one stream in its
+        life) and the call's mode and end read. A claim taken for a call that
+        turns out not to be live only blocks streams for a call that has none.
+        """
+        meta = self._key(sid, "meta")
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._key(sid, "stream"), stream_sid, nx=True, ex=self.ttl)
+            pipe.hmget(meta, "mode", "ended")
+            claimed, (mode, ended) = pipe.execute()
+        return bool(claimed) and _text(mode or "") == "stream" and not ended
 
     def take_stream_exit(self, sid: str) -> str:
         """The stored stream exit (JSON), cleared as it is read; "" when there is none."""

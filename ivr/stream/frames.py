@@ -9,11 +9,14 @@ handshakes, and the model connection's pings and closing handshake.
 What this reader accepts is the protocol without extensions (the handshakes
 negotiate none): reserved bits set, a frame masked the wrong way, a bad
 control frame or an oversized message is a protocol error with the close
-code to answer it with.
+code to answer it with. A fragmented text message is checked as UTF-8 fragment
+by fragment, so bad text is refused when it arrives, not at the message's end
+(RFC 6455 section 8.1 lets an endpoint fail fast; Autobahn's 6.4 cases ask it).
 """
 
 from __future__ import annotations
 
+import codecs
 import os
 import struct
 
@@ -33,6 +36,7 @@ CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_INVALID_DATA = 1007
 CLOSE_TOO_BIG = 1009
 
+_UTF8 = codecs.getincrementaldecoder("utf-8")
 _LEN16 = struct.Struct("!BBH")
 _LEN64 = struct.Struct("!BBQ")
 
@@ -121,6 +125,8 @@ class Reader:
         self._opcode: int | None = None  # of a fragmented message in progress
         self._parts: list[bytes] = []
         self._size = 0
+        # Of a fragmented text message: a code point may be split across fragments.
+        self._utf8: codecs.IncrementalDecoder | None = None
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         buf = self._rest + data if self._rest else data
@@ -166,9 +172,11 @@ class Reader:
             if self._size > self.max_size:
                 raise ProtocolError(CLOSE_TOO_BIG, "message too big")
             self._parts.append(payload)
+            if self._utf8 is not None:
+                _check_utf8(self._utf8, payload, fin)
             if fin:
                 out.append((self._opcode, b"".join(self._parts)))
-                self._opcode, self._parts, self._size = None, [], 0
+                self._opcode, self._parts, self._size, self._utf8 = None, [], 0, None
         elif opcode in (OP_TEXT, OP_BINARY):
             if self._opcode is not None:
                 raise ProtocolError(CLOSE_PROTOCOL_ERROR, "new message inside a fragmented one")
@@ -176,5 +184,16 @@ class Reader:
                 out.append((opcode, payload))
             else:
                 self._opcode, self._parts, self._size = opcode, [payload], len(payload)
+                if opcode == OP_TEXT:
+                    self._utf8 = _UTF8()
+                    _check_utf8(self._utf8, payload, False)
         else:
             raise ProtocolError(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
+
+
+def _check_utf8(decoder: codecs.IncrementalDecoder, payload: bytes, final: bool) -> None:
+    """One fragment of a text message, through the message's decoder: bad UTF-8 is 1007."""
+    try:
+        decoder.decode(payload, final)
+    except UnicodeDecodeError:
+        raise ProtocolError(CLOSE_INVALID_DATA, "text is not UTF-8") from None

@@ -10,6 +10,9 @@ thread or greenlet) and the model's (model -> Twilio, in a second one). The
 relay's two sides are in modules of their own: Twilio's messages in
 twilio_side.py, the model's events and response requests in model_events.py.
 
+Nothing happens before a `start` that `admission` (admission.py) accepts: no
+model connection, no write. A forged or replayed stream is closed at once.
+
 Hot path. A call carries ~50 caller frames and tens of model deltas a second.
 Both sides speak mu-law 8 kHz (`audio/pcmu`), so base64 payloads pass through
 untouched, and the per-frame messages are built as strings around the payload
@@ -45,6 +48,10 @@ HISTORY_WAIT = 0.5  # how long the greeting waits for the call's history from Re
 # How long the stream's last writes may hold its close: the <Connect action>
 # that Twilio requests at once reads them (the history, the breaker's count).
 DRAIN_SECONDS = 1.5
+# How long a start with a valid token waits for Redis to confirm the call is live
+# and this is its one stream; past it (Redis slow or down) the token alone admits
+# it, so a Redis fault never holds the audio. A later "no" still ends the stream.
+ADMIT_WAIT = 0.25
 
 
 class ModelUnavailable(Exception):
@@ -69,6 +76,7 @@ class Relay(TwilioSide, ModelEvents):
         open_model: Callable[[], object],
         *,
         store: CallStore | None,
+        admission,
         config: RelayConfig,
         on_failure: Callable[[str], None] = lambda reason: None,
         on_success: Callable[[], None] = lambda: None,
@@ -78,6 +86,7 @@ class Relay(TwilioSide, ModelEvents):
         self.twilio = twilio
         self.open_model = open_model
         self.store = store
+        self.admission = admission  # token_ok(call_sid, parameters), claim(call_sid, stream_sid)
         self.config = config
         self.on_failure = on_failure
         self.on_success = on_success
@@ -88,7 +97,11 @@ class Relay(TwilioSide, ModelEvents):
         self.call_sid = ""
         self.stream_sid = ""
         self.custom: dict = {}
-        self.outcome = "running"  # then: caller-hung-up, model-lost, model-unreachable
+        self.outcome = "running"  # then: caller-hung-up, model-lost, model-unreachable, refused
+        self._admitted = False  # a valid start, confirmed by Redis (or past ADMIT_WAIT)
+        self._claim: bool | None = None  # Redis's answer to the stream's claim
+        self._claim_answered = threading.Event()
+        self._connector: threading.Thread | None = None
         self._model_ready = threading.Event()
         self._model_failed: str | None = None
         self._stopping = False
@@ -122,9 +135,9 @@ class Relay(TwilioSide, ModelEvents):
 
     def run(self) -> str:
         """Relay until the call or the model ends; returns how it ended."""
-        deadline = self.clock() + self.config.connect_timeout
-        connector = threading.Thread(target=self._connect_model, name="model-connect", daemon=True)
-        connector.start()
+        # Twilio sends `start` first; the model connects only once it is admitted.
+        no_start_by = self.clock() + self.config.connect_timeout + NO_START_GRACE
+        deadline = 0.0
         started = False
         try:
             while not self._stopping:
@@ -136,17 +149,21 @@ class Relay(TwilioSide, ModelEvents):
                     self._on_twilio(message, started)
                 if started or self._stopping:
                     continue
+                if not self._admitted:
+                    if not self.stream_sid and self.clock() > no_start_by:
+                        # Without `start` there is no call to relay.
+                        log.warning("no start message on the media stream; closing it")
+                        self.outcome = "no-start"
+                        break
+                    if self.stream_sid and self._may_admit():
+                        self._admit()
+                        deadline = self.clock() + self.config.connect_timeout
+                    continue
                 if self._model_failed or (
                     not self._model_ready.is_set() and self.clock() > deadline
                 ):
                     reason = self._model_failed or "connect timed out"
                     self._fail("model-unreachable", reason)
-                    break
-                if not self.stream_sid and self.clock() > deadline + NO_START_GRACE:
-                    # Twilio always sends `start` first; without it there is no call
-                    # to relay, and an open model session would bill for nothing.
-                    log.warning("no start message on the media stream; closing it")
-                    self.outcome = "no-start"
                     break
                 if (
                     self._model_ready.is_set()
@@ -171,6 +188,57 @@ class Relay(TwilioSide, ModelEvents):
         finally:
             self._shutdown()
         return self.outcome
+
+    # -- admission ----------------------------------------------------------------------
+
+    def _on_start(self, start: dict) -> None:
+        """Twilio's `start`: the stream names its call. Checked before anything else."""
+        if self.stream_sid:
+            return  # one start per stream: a second cannot move it to another call
+        call_sid = start.get("callSid") or ""
+        parameters = start.get("customParameters") or {}
+        if not (start.get("streamSid") and self.admission.token_ok(call_sid, parameters)):
+            self._refuse("a start without the stream token of its CallSid")
+            return
+        self.stream_sid = start["streamSid"]
+        self.call_sid, self.custom = call_sid, parameters
+        self.writer.call_sid = call_sid
+        self._started_at = self.clock()
+        threading.Thread(target=self._claim_then_load, daemon=True, name="admission").start()
+
+    def _claim_then_load(self) -> None:
+        try:
+            self._claim = self.admission.claim(self.call_sid, self.stream_sid)
+        except Exception as exc:  # Redis down: the token alone admits (see ADMIT_WAIT)
+            log.error("call %s: stream claim unavailable: %s", self.call_sid, exc)
+        finally:
+            self._claim_answered.set()
+        if self._claim is False:
+            self._refuse("not live in stream mode, or it has a stream already")
+            return
+        self._load_history()
+
+    def _may_admit(self) -> bool:
+        if self._claim_answered.is_set():
+            return self._claim is not False
+        if self.clock() > self._started_at + ADMIT_WAIT:
+            log.warning("call %s: Redis slow; stream admitted on its token", self.call_sid)
+            return True
+        return False
+
+    def _admit(self) -> None:
+        self._admitted = True
+        self._connector = threading.Thread(
+            target=self._connect_model, name="model-connect", daemon=True
+        )
+        self._connector.start()
+
+    def _refuse(self, why: str) -> None:
+        """Close a stream that may not relay this call: nothing written, nothing counted."""
+        log.warning("call %s: media stream refused: %s", self.call_sid or "?", why)
+        self.outcome = "refused"
+        self._stopping = True
+        close_quietly(self.twilio)
 
     # -- model connection -------------------------------------------------------------
 
@@ -310,7 +378,7 @@ class Relay(TwilioSide, ModelEvents):
     # -- shared ------------------------------------------------------------------------
 
     def record(self, role: str, text: str, **extra) -> None:
-        if not (text and self.store and self.call_sid):
+        if not (text and self.store and self.call_sid and self._admitted):
             return
         self.writer.submit(
             "transcript line", self.store.append, self.call_sid, role, text, "stream", **extra

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +28,8 @@ class TwilioSide:
         elif kind == "mark":
             self._on_mark(event["mark"]["name"])
         elif kind == "start":
-            start = event["start"]
-            self.stream_sid = start["streamSid"]
-            self.call_sid = start.get("callSid", "")
-            self.custom = start.get("customParameters") or {}
-            self.writer.call_sid = self.call_sid or "?"
-            self._started_at = self.clock()
-            threading.Thread(target=self._load_history, daemon=True, name="history").start()
-        elif kind == "dtmf":
+            self._on_start(event.get("start") or {})
+        elif kind == "dtmf" and self._admitted:  # before it, the stream is not the call's yet
             digit = event["dtmf"]["digit"]
             self.record("dtmf", digit)
             if self.control:

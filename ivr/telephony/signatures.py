@@ -4,7 +4,7 @@ The URL checked must be the one Twilio called. Behind a TLS-terminating proxy
 (Heroku's router) the app sees http://; ProxyFix in the factory restores the
 scheme and host from X-Forwarded-Proto/Host, and PUBLIC_BASE_URL overrides
 both when a proxy hides them. The WebSocket handshake of /media-stream is
-signed too, with no parameters.
+signed too, with no parameters: only that handshake is checked that way.
 """
 
 from __future__ import annotations
@@ -27,8 +27,14 @@ def public_url(request, public_base_url: str) -> str:
     return public_base_url.rstrip("/") + path
 
 
-def is_signed(request, settings: Settings) -> bool:
-    """Whether `request` (a werkzeug request) carries Twilio's signature for its URL."""
+def is_signed(request, settings: Settings, *, websocket: bool = False) -> bool:
+    """Whether `request` (a werkzeug request) carries Twilio's signature for its URL.
+
+    `websocket` is for the media-stream handshake alone: its signature covers the
+    URL only. Whether to take that path is the route's choice, never the
+    request's: a webhook POST carrying `Upgrade: websocket` would otherwise have
+    its form taken unsigned.
+    """
     signature = request.headers.get(SIGNATURE_HEADER, "")
     if not signature:
         return False
@@ -45,7 +51,7 @@ def is_signed(request, settings: Settings) -> bool:
     algorithm = get_signature_algorithm(settings_header)
     validator = RequestValidator(secret)
     url = public_url(request, settings.public_base_url)
-    if request.headers.get("Upgrade", "").lower() == "websocket":
+    if websocket:
         # Twilio signs the wss:// URL of a media stream, with no parameters.
         ws_url = "ws" + url[len("http") :]
         return validator.validate(ws_url, {}, signature, algorithm)

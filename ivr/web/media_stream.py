@@ -19,11 +19,13 @@ from twilio.twiml.voice_response import VoiceResponse
 from .. import metrics
 from ..services import Services, get_services
 from ..store import calllog
+from ..stream.admission import Admission
 from ..stream.control import StreamControl
 from ..stream.realtime import open_realtime, relay_config
 from ..stream.relay import Relay
 from ..stream.sockets import TwilioSocket
 from ..telephony import twiml
+from ..telephony.stream_token import PARAMETER, stream_token
 from .signed import signature_is_valid
 
 log = logging.getLogger(__name__)
@@ -53,13 +55,18 @@ def answer_with_stream(sid: str, caller: str, callee: str) -> VoiceResponse | No
         calllog.record_event(services.store, sid, "mode", "Gather mode: streaming breaker open")
         return None
     services.conversation.begin_call(sid, caller, callee, mode="stream")
-    return twiml.connect_stream(stream_url(services), FALLBACK_PATH, {"from": caller, "to": callee})
+    parameters = {"from": caller, "to": callee}
+    key = services.settings.twilio_auth_token
+    if key:  # what ties the stream to this call: its handshake's signature cannot
+        parameters[PARAMETER] = stream_token(key, sid)
+    return twiml.connect_stream(stream_url(services), FALLBACK_PATH, parameters)
 
 
 @bp.before_request
 def _before_handshake():
     """The WebSocket handshake is checked before it is accepted, and offered no extensions."""
-    if get_services().settings.validate_twilio_signature and not signature_is_valid():
+    settings = get_services().settings
+    if settings.validate_twilio_signature and not signature_is_valid(websocket=True):
         log.warning("refused unsigned or forged media-stream handshake")
         abort(403)
     _check_upgrade()
@@ -96,6 +103,7 @@ def media_stream(ws):
         twilio,
         lambda: open_realtime(services),
         store=services.store,
+        admission=_admission(services),
         config=relay_config(services),
         on_failure=lambda reason: _fell_back(services, relay, reason),
         on_success=services.breaker.record_success,
@@ -108,6 +116,17 @@ def media_stream(ws):
         metrics.STREAMS_ACTIVE.dec()
         twilio.finish()
     log.info("call %s: stream ended (%s)", relay.call_sid or "?", outcome)
+
+
+def _admission(services: Services) -> Admission:
+    settings = services.settings
+    # With signatures off (local development only) a start needs no token:
+    # anyone can reach the webhooks then anyway.
+    return Admission(
+        services.store,
+        key=settings.twilio_auth_token,
+        required=settings.validate_twilio_signature,
+    )
 
 
 def _fell_back(services: Services, relay: Relay, reason: str) -> None:

@@ -114,7 +114,9 @@ def call_json(sid: str):
     detail = _detail(sid)
     caller = detail.call.caller if _reveal() else mask(detail.call.caller)
     return Response(
-        json.dumps(detail.as_json(caller), indent=2),
+        # Strict JSON: a non-finite number would come out as `-Infinity`, which
+        # JSON parsers other than Python's refuse.
+        json.dumps(detail.as_json(caller), indent=2, allow_nan=False),
         mimetype="application/json",
         headers={"Content-Disposition": f'attachment; filename="{sid}.json"'},
     )

@@ -6,6 +6,7 @@ Pages show what store/calls.py and store/calllog.py recorded; nothing is written
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -207,6 +208,12 @@ SPEAKERS = {
 }
 
 
+def _finite(value) -> bool:
+    """False for a float that JSON cannot hold (a record written before such values were
+    refused): the download stays strict JSON."""
+    return not isinstance(value, float) or math.isfinite(value)
+
+
 def timeline(entries: list[dict], started: float | None) -> list[dict]:
     """The transcript as the page shows it: who, when (from the call's start), what,
     and what it cost."""
@@ -222,7 +229,7 @@ def timeline(entries: list[dict], started: float | None) -> list[dict]:
             "text": entry.get("content") or "",
         }
         for key in ("confidence", "interrupted", "heard_ms", "latency_ms", "kind", "timing"):
-            if entry.get(key) is not None:
+            if entry.get(key) is not None and _finite(entry[key]):
                 line[key] = entry[key]
         if role == "assistant" and entry.get("tool_calls"):
             line["who"] = "agent asks"

@@ -19,9 +19,10 @@ from ..telephony.signatures import is_signed
 log = logging.getLogger(__name__)
 
 
-def signature_is_valid() -> bool:
-    """Whether the request being served carries Twilio's signature for its URL."""
-    return is_signed(request, get_services().settings)
+def signature_is_valid(*, websocket: bool = False) -> bool:
+    """Whether the request being served carries Twilio's signature for its URL
+    (`websocket`: the media-stream handshake, signed over the URL only)."""
+    return is_signed(request, get_services().settings, websocket=websocket)
 
 
 # Twilio's parameter names: CallSid, SpeechResult, ... Its signature joins names and

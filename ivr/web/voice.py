@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 
 import redis
@@ -56,11 +57,14 @@ def _apology(sid: str):
 
 
 def _confidence() -> float | None:
+    """Twilio's 0.0-1.0 score; absent, unreadable or not finite ("-inf", "nan") is None."""
     raw = request.form.get("Confidence", "")
     try:
-        return float(raw) if raw else None
+        value = float(raw) if raw else None
     except ValueError:
         return None
+    # float() takes "inf" and "nan", which compare oddly and are not JSON.
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _turn() -> int | None:

@@ -97,3 +97,29 @@ def test_a_server_reader_takes_unmasked_frames_only():
     assert server_frames.feed(frames.encode(frames.OP_TEXT, b"ok")) == [(frames.OP_TEXT, b"ok")]
     with pytest.raises(frames.ProtocolError):
         server_frames.feed(frames.encode(frames.OP_TEXT, b"ok", mask=True))
+
+
+def test_bad_utf8_in_a_fragment_is_refused_at_that_fragment():
+    """Fail fast (RFC 6455 section 8.1): the rest of the message never has to arrive."""
+    r = reader()
+    assert r.feed(client_bytes(Frame(OP_TEXT, b'{"event":', fin=False))) == []
+    with pytest.raises(frames.ProtocolError) as refused:
+        r.feed(client_bytes(Frame(OP_CONT, b'"\xed\xa0\x80', fin=False)))  # a surrogate
+    assert refused.value.code == frames.CLOSE_INVALID_DATA
+
+
+def test_a_code_point_split_across_fragments_is_text():
+    r = reader()
+    wire = client_bytes(
+        Frame(OP_TEXT, b'{"name":"caf\xc3', fin=False),
+        Frame(OP_CONT, b"\xa9 \xf0\x9f", fin=False),
+        Frame(OP_CONT, b'\x98\x80"}'),
+    )
+    assert r.feed(wire) == [(OP_TEXT, '{"name":"café 😀"}'.encode())]
+    # A text message ending inside a code point is not text.
+    with pytest.raises(frames.ProtocolError) as cut:
+        reader().feed(client_bytes(Frame(OP_TEXT, b"caf\xc3", fin=False), Frame(OP_CONT, b"")))
+    assert cut.value.code == frames.CLOSE_INVALID_DATA
+    # Binary fragments are not text: any bytes.
+    binary = client_bytes(Frame(2, b"\xff", fin=False), Frame(OP_CONT, b"\xc3"))
+    assert r.feed(binary) == [(2, b"\xff\xc3")]

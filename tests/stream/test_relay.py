@@ -18,6 +18,19 @@ from ..waiting import wait_for
 STREAM = "MZ" + "1" * 32
 
 
+class Admit:
+    """Admission for a relay without Redis: every start is its call's one stream."""
+
+    def __init__(self, ok: bool = True):
+        self.ok = ok
+
+    def token_ok(self, call_sid: str, parameters: dict) -> bool:
+        return self.ok
+
+    def claim(self, call_sid: str, stream_sid: str) -> bool:
+        return True
+
+
 class Recorder:
     """One ordered log of everything both fake sockets were sent."""
 
@@ -94,6 +107,7 @@ def rig():
         twilio,
         lambda: model,
         store=None,
+        admission=Admit(),
         config=RelayConfig(connect_timeout=1),
         on_failure=failures.append,
     )
@@ -180,7 +194,9 @@ def test_audio_that_arrives_before_the_model_is_kept_and_sent_in_order():
         gate.wait(2)
         return model
 
-    relay = Relay(twilio, slow_model, store=None, config=RelayConfig(connect_timeout=3))
+    relay = Relay(
+        twilio, slow_model, store=None, admission=Admit(), config=RelayConfig(connect_timeout=3)
+    )
     thread = threading.Thread(target=relay.run, daemon=True)
     thread.start()
     twilio.push(
@@ -310,21 +326,24 @@ def test_a_stream_without_start_is_closed_and_the_model_with_it():
     recorder = Recorder()
     twilio, model = FakeTwilio(recorder), FakeModel(recorder)
     clock = [0.0]
+    opened = []
     relay = Relay(
         twilio,
-        lambda: model,
+        lambda: opened.append(1) or model,
         store=None,
+        admission=Admit(),
         config=RelayConfig(connect_timeout=1),
         clock=lambda: clock[0],
     )
     thread = threading.Thread(target=relay.run, daemon=True)
     thread.start()
     twilio.push({"event": "connected"})
-    assert wait_for(lambda: relay.model is not None)
+    assert wait_for(twilio.inbox.empty)
     clock[0] = 10.0  # well past the budget and the grace period
     thread.join(timeout=5)
     assert relay.outcome == "no-start"
-    assert model.closed.is_set()
+    # The model connects only once a start is admitted: none was opened to close.
+    assert opened == [] and relay.model is None
 
 
 def test_a_model_socket_that_fails_on_send_is_a_lost_model(rig):
@@ -440,6 +459,7 @@ def _begin_with(send_raw_for) -> tuple[Relay, FakeTwilio, Recorder, list]:
         twilio,
         lambda: model,
         store=None,
+        admission=Admit(),
         config=RelayConfig(connect_timeout=1, greeting="Hello."),
         on_failure=failures.append,
     )
@@ -477,3 +497,26 @@ def test_a_model_that_works_as_the_call_begins_greets_the_caller():
     relay.thread.join(timeout=5)
     assert relay.outcome == "caller-hung-up"
     assert failures == []
+
+
+def test_a_start_without_the_token_is_closed_before_the_model_or_anything_else():
+    recorder = Recorder()
+    twilio, model = FakeTwilio(recorder), FakeModel(recorder)
+    opened, failures = [], []
+    relay = Relay(
+        twilio,
+        lambda: opened.append(1) or model,
+        store=None,
+        admission=Admit(ok=False),
+        config=RelayConfig(connect_timeout=1),
+        on_failure=failures.append,
+    )
+    thread = threading.Thread(target=relay.run, daemon=True)
+    thread.start()
+    start = {"streamSid": STREAM, "callSid": "CA1", "customParameters": {}}
+    twilio.push({"event": "start", "streamSid": STREAM, "start": start})
+    twilio.push({"event": "dtmf", "streamSid": STREAM, "dtmf": {"digit": "0"}})
+    thread.join(timeout=5)
+    assert relay.outcome == "refused"
+    assert twilio.closed.is_set()
+    assert opened == [] and failures == []

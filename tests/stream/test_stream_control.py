@@ -28,6 +28,7 @@ CALLS_URL = re.compile(
 def twilio_api():
     """Twilio's REST API, mocked at the HTTP boundary; records every call update."""
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        mock.add_passthru("http://127.0.0.1")  # the app's own /voice, as Twilio requests it
 
         def answer(request):
             mock.update_times.append(time.monotonic())

@@ -26,7 +26,7 @@ from ivr.stream.control import StreamControl
 from ..conftest import LiveServer
 from ..fakes.redis_server import free_port
 from ..fakes.slow_proxy import SlowProxy
-from ..twilio_sim import TwilioCall
+from ..twilio_sim import TwilioCall, new_sid, stream_parameters
 from ..waiting import wait_for
 from .test_stream_control import CALLS_URL
 from .test_streaming import open_stream
@@ -109,6 +109,7 @@ def serve(stream_config, own_redis):
 @pytest.fixture
 def twilio_api():
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        mock.add_passthru("http://127.0.0.1")  # the app's own /voice, as Twilio requests it
         mock.update_times = []
         yield mock
 
@@ -135,10 +136,12 @@ def test_a_frozen_redis_does_not_hold_the_audio(serve, own_redis, fake_openai):
     """Greeting and answer reach the caller while Redis hangs (its client waits 1 s, twice)."""
     live = serve()
     fake_openai.realtime.response_ms = 300
+    sid = new_sid()
+    parameters = stream_parameters(live.http, sid)  # the call is answered, then Redis hangs
     own_redis.freeze()
     try:
         opened = time.monotonic()
-        media = open_stream(live)
+        media = open_stream(live, sid=sid, parameters=parameters)
         assert wait_for(lambda: _first_media_at(media), timeout=5)
         greeting_after = _first_media_at(media) - opened
         before = len(media.events("media"))

@@ -19,7 +19,7 @@ from twilio.request_validator import RequestValidator
 
 from ivr.stream import frames
 
-from ..twilio_sim import AUTH_TOKEN, new_sid
+from ..twilio_sim import AUTH_TOKEN, new_sid, stream_parameters
 from .test_sockets import twilio_socket_pair
 
 STREAM = "MZ" + "2" * 32
@@ -29,6 +29,7 @@ class RawPeer:
     """A WebSocket client written byte by byte, playing Twilio."""
 
     def __init__(self, live, headers: dict | None = None, path: str = "/media-stream"):
+        self.live = live
         url = live.ws + path
         signature = RequestValidator(AUTH_TOKEN).compute_signature(url, {})
         base = {
@@ -97,11 +98,14 @@ def frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
     return data if fin else bytes((data[0] & 0x7F,)) + data[1:]
 
 
-def start_message(sid: str) -> dict:
+def start_message(live, sid: str | None = None) -> dict:
+    """Twilio's start for a new call answered by `live`'s /voice, with its parameters."""
+    sid = sid or new_sid()
+    parameters = stream_parameters(live.http, sid)
     return {
         "event": "start",
         "streamSid": STREAM,
-        "start": {"streamSid": STREAM, "callSid": sid, "customParameters": {}},
+        "start": {"streamSid": STREAM, "callSid": sid, "customParameters": parameters},
     }
 
 
@@ -164,7 +168,7 @@ def test_the_relay_ending_the_stream_sends_a_close_frame_and_waits_for_the_answe
 ):
     twilio = peer()
     assert twilio.status == 101
-    twilio.text(start_message(new_sid()))
+    twilio.text(start_message(twilio.live))
     twilio.text({"event": "stop", "streamSid": STREAM})
     close = twilio.until_close()
     assert close is not None and frames.close_code(close) == 1000
@@ -175,7 +179,7 @@ def test_the_relay_ending_the_stream_sends_a_close_frame_and_waits_for_the_answe
 
 def test_a_message_that_is_not_json_ends_the_stream_with_a_close_frame(peer, fake_openai):
     twilio = peer()
-    twilio.text(start_message(new_sid()))
+    twilio.text(start_message(twilio.live))
     twilio.send(frames.OP_TEXT, b"this is not JSON")
     close = twilio.until_close()
     assert close is not None and frames.sendable(frames.close_code(close))
@@ -185,7 +189,7 @@ def test_fragments_control_frames_between_them_and_single_bytes_are_all_understo
     peer, fake_openai
 ):
     twilio = peer()
-    start = json.dumps(start_message(new_sid())).encode()
+    start = json.dumps(start_message(twilio.live)).encode()
     third = len(start) // 3
     wire = (
         frame(frames.OP_TEXT, start[:third], fin=False)
@@ -225,9 +229,29 @@ def test_a_protocol_error_is_answered_with_its_close_code(peer, fake_openai, wir
     # Another call on the same server is not affected.
     other = peer()
     assert other.status == 101
-    other.text(start_message(new_sid()))
+    other.text(start_message(other.live))
     other.text({"event": "stop", "streamSid": STREAM})
     assert other.until_close() is not None
+
+
+def test_bad_utf8_in_a_first_fragment_is_refused_before_the_message_ends(peer, fake_openai):
+    twilio = peer()
+    twilio.send(frames.OP_TEXT, b'{"event":"\xc3\x28', fin=False)  # 0xC3 wants a continuation
+    # The final fragment is never sent: the close comes for the fragment alone.
+    close = twilio.until_close()
+    assert close is not None and frames.close_code(close) == 1007
+
+
+def test_a_code_point_split_across_fragments_is_taken(peer, fake_openai):
+    twilio = peer()
+    twilio.send(frames.OP_TEXT, b'{"event":"connected","note":"caf\xc3', fin=False)
+    twilio.send(frames.OP_CONT, b'\xa9"}')
+    twilio.send(frames.OP_PING, b"still open?")
+    twilio.sock.settimeout(5)
+    while not any(op in (frames.OP_PONG, frames.OP_CLOSE) for op, _ in twilio.received):
+        twilio.received += twilio.reader.feed(twilio.sock.recv(65536))
+    assert (frames.OP_PONG, b"still open?") in twilio.received
+    assert not any(op == frames.OP_CLOSE for op, _ in twilio.received)
 
 
 @pytest.mark.parametrize(

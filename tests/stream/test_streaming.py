@@ -7,18 +7,21 @@ import time
 import pytest
 
 from ivr import create_app
+from ivr.telephony.stream_token import stream_token
 
 from ..conftest import LiveServer
 from ..fakes import realtime
 from ..fakes.twilio_media import TwilioMediaClient
-from ..twilio_sim import AUTH_TOKEN, TwilioCall, new_sid, spoken
+from ..twilio_sim import AUTH_TOKEN, TwilioCall, new_sid, spoken, stream_parameters
 from ..waiting import wait_for
 
 
 def open_stream(live, sid=None, **kwargs) -> TwilioMediaClient:
-    return TwilioMediaClient(
-        live.ws + "/media-stream", AUTH_TOKEN, sid or new_sid(), **kwargs
-    ).start()
+    """The call's stream as Twilio opens it: /voice first, then the <Stream> it named."""
+    sid = sid or new_sid()
+    if "parameters" not in kwargs:
+        kwargs["parameters"] = stream_parameters(live.http, sid)
+    return TwilioMediaClient(live.ws + "/media-stream", AUTH_TOKEN, sid, **kwargs).start()
 
 
 def test_voice_answers_with_connect_stream_and_parameters(stream_config):
@@ -31,7 +34,8 @@ def test_voice_answers_with_connect_stream_and_parameters(stream_config):
     assert stream.get("url") == "wss://agent.example.com/media-stream"
     assert "?" not in stream.get("url")
     params = {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
-    assert params == {"from": call.caller, "to": call.callee}
+    token = stream_token(AUTH_TOKEN, call.sid)
+    assert params == {"from": call.caller, "to": call.callee, "stream_token": token}
     assert root.find("Gather") is None
 
 
@@ -272,6 +276,7 @@ class RawTwilio:
         from wsproto.events import Request
 
         url = server.ws + "/media-stream"
+        self.server = server
         signature = RequestValidator(AUTH_TOKEN).compute_signature(url, {})
         self.conn = WSConnection(ConnectionType.CLIENT)
         self.sock = socket_lib.create_connection(("127.0.0.1", server.port), timeout=5)
@@ -315,12 +320,14 @@ class RawTwilio:
         return None
 
     def start(self, stream_sid: str = "MZ" + "1" * 32) -> None:
+        sid = new_sid()
+        parameters = stream_parameters(self.server.http, sid)
         self.send_json({"event": "connected", "protocol": "Call", "version": "1.0.0"})
         self.send_json(
             {
                 "event": "start",
                 "streamSid": stream_sid,
-                "start": {"streamSid": stream_sid, "callSid": new_sid(), "customParameters": {}},
+                "start": {"streamSid": stream_sid, "callSid": sid, "customParameters": parameters},
             }
         )
 
@@ -415,3 +422,84 @@ def test_the_fallback_turns_never_reuse_a_gather_turn_number(client, stream_conf
     second = call.post("/stream-ended").find("Gather").get("action")
     assert first == "/process-speech?turn=1001"
     assert second == "/process-speech?turn=2001"
+
+
+# -- who may stream a call: the stream token and the call's one stream ------------------
+
+
+def _call_keys(redis, sid: str) -> dict:
+    """Everything Redis holds for a call, to compare before and after an attack."""
+    return {
+        key: (redis.type(key), redis.dump(key))
+        for key in sorted(redis.scan_iter(match=f"ivr:{{{sid}}}:*"))
+    }
+
+
+@pytest.mark.parametrize("token", [None, "0" * 64, "other call's"], ids=["none", "wrong", "other"])
+def test_a_reused_handshake_naming_a_victims_call_is_closed_with_nothing_written(
+    live, fake_openai, redis, token
+):
+    victim = TwilioCall(live.app.test_client())
+    assert victim.start().find("Connect/Stream") is not None
+    before = _call_keys(redis, victim.sid)
+    if token == "other call's":  # a real token, for another call
+        token = stream_parameters(live.http, new_sid())["stream_token"]
+    forged = {"from": "+15550009999"} | ({"stream_token": token} if token else {})
+    # The handshake's signature is the same for every call: it is reused as is.
+    attacker = open_stream(live, sid=victim.sid, parameters=forged)
+    attacker.press("0")  # a transfer exit, if this stream were the victim's
+    assert attacker.wait_closed(timeout=5)
+    attacker.close()
+    assert _call_keys(redis, victim.sid) == before
+    assert fake_openai.realtime_handshakes == []
+    # The victim's own <Connect action> still carries on in Gather mode, no <Dial>.
+    root = victim.post("/stream-ended")
+    assert root.find("Gather") is not None and root.find("Dial") is None
+
+
+def test_the_stream_named_by_the_calls_own_twiml_is_admitted(live, fake_openai, redis):
+    """Control: the token from /voice's answer opens the model and relays."""
+    media = open_stream(live)
+    assert wait_for(lambda: fake_openai.events("session.update"))
+    assert redis.get(f"ivr:{{{media.call_sid}}}:stream").decode() == media.stream_sid
+    assert not media.wait_closed(timeout=0.5)
+    media.hang_up()
+
+
+def test_a_second_stream_for_a_call_is_closed(live, fake_openai):
+    sid = new_sid()
+    parameters = stream_parameters(live.http, sid)
+    first = open_stream(live, sid=sid, parameters=parameters)
+    assert wait_for(lambda: fake_openai.events("session.update"))
+    second = open_stream(live, sid=sid, parameters=parameters, stream_sid="MZ" + "9" * 32)
+    assert second.wait_closed(timeout=5)
+    second.close()
+    assert len(fake_openai.realtime_handshakes) == 1
+    assert not first.wait_closed(timeout=0.5)  # the call's own stream goes on
+    first.hang_up()
+
+
+def test_a_start_for_a_call_not_in_stream_mode_is_closed(live, config, fake_openai, redis):
+    gather_call = TwilioCall(create_app(config).test_client())
+    assert gather_call.start().find("Gather") is not None
+    parameters = {"stream_token": stream_token(AUTH_TOKEN, gather_call.sid)}
+    media = open_stream(live, sid=gather_call.sid, parameters=parameters)
+    assert media.wait_closed(timeout=5)
+    media.close()
+    assert fake_openai.realtime_handshakes == []
+    assert redis.hget(f"ivr:{{{gather_call.sid}}}:meta", "mode") == b"gather"
+
+
+def test_streams_that_never_start_open_no_model_connection(live, fake_openai):
+    from websockets.exceptions import ConnectionClosed
+
+    silent = [
+        TwilioMediaClient(live.ws + "/media-stream", AUTH_TOKEN, new_sid()) for _ in range(20)
+    ]
+    for media in silent:
+        media._send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+    for media in silent:  # each is closed for want of a start (the no-start grace)
+        with pytest.raises(ConnectionClosed):
+            while True:
+                media.ws.recv(timeout=15)
+    assert fake_openai.realtime_handshakes == []

@@ -201,7 +201,7 @@ def _handshake_is_valid(app, headers: dict) -> bool:
     with app.test_request_context(
         "/media-stream", base_url="https://agent.example.com", headers={**UPGRADE, **headers}
     ):
-        return signature_is_valid()
+        return signature_is_valid(websocket=True)
 
 
 def test_a_handshake_is_checked_against_the_wss_url(app):
@@ -228,6 +228,29 @@ def test_a_handshake_signed_with_hmac_sha256_and_a_shared_key(config):
     # Nor does the auth token's legacy HMAC-SHA1 pass without the settings header.
     legacy = RequestValidator(AUTH_TOKEN).compute_signature(WS_URL, {})
     assert not _handshake_is_valid(app, {"X-Twilio-Signature": legacy})
+
+
+def test_a_webhook_post_claiming_a_websocket_upgrade_still_needs_its_form_signed(client):
+    """Only /media-stream's handshake is signed over the URL alone: a POST /voice with
+    `Upgrade: websocket` and a URL-only signature must not have its body taken unsigned."""
+    url_only = sign("http://localhost/voice", {})
+    ws_url_only = sign("ws://localhost/voice", {})
+    junk = {**PARAMS, "SpeechResult": "transfer me", "Injected": "1"}
+    # Upgrade alone (no `Connection: Upgrade`): routed as a plain POST by werkzeug.
+    upgrade = {"Upgrade": "websocket"}
+    for signature in (url_only, ws_url_only):
+        response = client.post(
+            "/voice", data=junk, headers={**upgrade, "X-Twilio-Signature": signature}
+        )
+        assert response.status_code == 403
+        assert b"<Response" not in response.get_data()
+    # Control: the same headers with the form properly signed are served as a webhook.
+    signed = client.post(
+        "/voice",
+        data=PARAMS,
+        headers={**upgrade, "X-Twilio-Signature": sign("http://localhost/voice", PARAMS)},
+    )
+    assert parse(signed).tag == "Response"
 
 
 def test_a_forged_handshake_never_reaches_the_relay(client, caplog):

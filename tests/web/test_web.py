@@ -259,6 +259,50 @@ def test_the_json_download_holds_the_same_timeline(web, fake_openai):
     assert json.loads(revealed.get_data())["call"]["caller"] == CALLER
 
 
+def _strict_json(response) -> dict:
+    """The body parsed as strict JSON: `NaN`, `Infinity` and `-Infinity` are refused."""
+
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(response.get_data(), parse_constant=refuse)
+
+
+# "inf" and "nan" never compared below the threshold, so they were taken already.
+@pytest.mark.parametrize("score", ["-inf", "-Infinity"])
+def test_a_non_finite_confidence_is_taken_as_absent(web, fake_openai, score):
+    fake_openai.queue(Reply("We open at nine."))
+    call = TwilioCall(web, caller=CALLER)
+    call.start()
+    answered = call.post_action(SpeechResult="When do you open?", Confidence=score)
+    # Absent confidence means the words are taken: answered, not reprompted as unclear.
+    assert "We open at nine." in [s.text for s in answered.iter("Say")]
+    call.hang_up()
+    data = _strict_json(web.get(f"/calls/{call.sid}.json", headers=AUTH))
+    heard = [line for line in data["timeline"] if line["role"] == "user"]
+    assert [line["text"] for line in heard] == ["When do you open?"]
+    assert all("confidence" not in line for line in data["timeline"])
+
+
+def test_a_low_finite_confidence_is_still_recorded_in_the_download(web, fake_openai):
+    call = TwilioCall(web, caller=CALLER)
+    call.start()
+    call.say("mumble", confidence=0.2)
+    call.hang_up()
+    data = _strict_json(web.get(f"/calls/{call.sid}.json", headers=AUTH))
+    assert [line.get("confidence") for line in data["timeline"] if "confidence" in line] == [0.2]
+
+
+def test_a_stored_non_finite_number_never_reaches_the_download(web, admin_app, fake_openai):
+    """A record written before such scores were refused still downloads as strict JSON."""
+    call = place_call(web, "hello there")
+    store = admin_app.extensions["ivr"].store
+    store.append(call.sid, "caller_unclear", "mumble", "gather", confidence=float("-inf"))
+    data = _strict_json(web.get(f"/calls/{call.sid}.json", headers=AUTH))
+    unclear = [line for line in data["timeline"] if line["text"] == "mumble"]
+    assert len(unclear) == 1 and "confidence" not in unclear[0]
+
+
 def test_an_unknown_call_is_404(web):
     assert web.get("/calls/CA" + "f" * 32, headers=AUTH).status_code == 404
     assert web.get("/calls/not-a-sid!", headers=AUTH).status_code == 404
@@ -283,8 +327,11 @@ def test_a_streamed_call_shows_its_latency_and_why_it_fell_back(
     fake_openai.realtime.response_ms = 300
     fake_openai.realtime.answers = ["Welcome to the bakery.", "We have rye today."]
     call = TwilioCall(live.app.test_client(), caller=CALLER)
-    call.start()
-    media = TwilioMediaClient(live.ws + "/media-stream", AUTH_TOKEN, call.sid).start()
+    root = call.start()
+    parameters = {p.get("name"): p.get("value") for p in root.iter("Parameter")}
+    media = TwilioMediaClient(
+        live.ws + "/media-stream", AUTH_TOKEN, call.sid, parameters=parameters
+    ).start()
     media.talk([("silence", 600), ("speech", 400), ("silence", 600)])
     store = live.app.extensions["ivr"].store
     assert wait_for(lambda: len(store.transcript(call.sid)) >= 3)
