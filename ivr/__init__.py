@@ -50,6 +50,9 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
     # frees it, finalising its objects in no set order: a socket finalised before
     # its Redis connection is reported unclosed. Close the clients first.
     weakref.finalize(app, services.close)
+    # The dialer runs in every serving process (gunicorn builds the app in each
+    # worker), not in the commands that build services (`ivr check`, `ivr dial`).
+    services.outbound.start()
 
     if not settings.validate_twilio_signature:
         log.warning(

@@ -138,6 +138,13 @@ class Settings:
         why="(0 never holds), so the first answer reaches Twilio in time",
     )
     turn_max: float = env("TURN_MAX_SECONDS", 30.0, least=1, most=300)
+    # Outbound calls (ivr/store/outbound.py): where the REST client goes, the number
+    # calls come from, the calls API's token, and the dialer's pace over all instances.
+    twilio_api_base_url: str = env("TWILIO_API_BASE_URL", "")
+    outbound_caller_id: str = env("OUTBOUND_CALLER_ID", "")
+    api_token: str = env("API_TOKEN", "")
+    outbound_calls_per_second: float = env("OUTBOUND_CALLS_PER_SECOND", 1.0, above=0, most=100)
+    outbound_max_active: int = env("OUTBOUND_MAX_ACTIVE", 10, least=1)
 
     @property
     def gather_speech_timeout(self) -> str:
@@ -300,6 +307,16 @@ def _check(s: Settings) -> list[str]:
         problems.append(
             "TWILIO_ACCOUNT_SID is missing: streaming mode transfers and ends live calls "
             "through Twilio's REST API."
+        )
+    if s.twilio_api_base_url and not s.twilio_api_base_url.startswith(("https://", "http://")):
+        problems.append(
+            f"TWILIO_API_BASE_URL must be an http(s) origin such as https://api.twilio.com, "
+            f"not {s.twilio_api_base_url!r}."
+        )
+    if s.outbound_caller_id and not E164.fullmatch(s.outbound_caller_id):
+        problems.append(
+            f"OUTBOUND_CALLER_ID must be a phone number in E.164 form such as +15551234567, "
+            f"not {s.outbound_caller_id!r}."
         )
     if s.end_of_call_webhook_url and not s.end_of_call_webhook_url.startswith(
         ("https://", "http://")

@@ -56,6 +56,12 @@ STREAM_FALLBACKS = Counter(
 REPORTS = Counter(
     "ivr_reports", "End-of-call reports, by result: delivered, refused, failed.", ["result"]
 )
+OUTBOUND_CALLS = Counter(
+    "ivr_outbound_calls",
+    "Outbound calls, by result: queued, placed, retried, refused, failed, and how placed "
+    "calls ended (completed, busy, no-answer, canceled, failed); voicemail, fax.",
+    ["result"],
+)
 
 TURN_OUTCOMES = ("answer", "reprompt", "error", "transfer", "end", "goodbye")
 

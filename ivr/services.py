@@ -14,7 +14,6 @@ import redis
 from flask import current_app
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
-from twilio.rest import Client as TwilioClient
 
 from .agent.llm import Responder
 from .agent.prompts import Prompts
@@ -25,9 +24,11 @@ from .gather.claims import Leases
 from .gather.turn import Conversation
 from .store.calls import REDIS_STEP_SECONDS, REDIS_TIMEOUT, CallStore
 from .store.cluster import CLUSTER_STEP_SECONDS, ClusterClient
+from .store.outbound import OutboundQueue
 from .store.report import ReportQueue
 from .stream.breaker import StreamBreaker
 from .stream.control import CallControl
+from .telephony import rest
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class Services:
     conversation: Conversation
     breaker: StreamBreaker
     call_control: CallControl
+    outbound: OutboundQueue
 
     def close(self) -> None:
         """Close the clients' connections (an app being discarded, a CLI command done)."""
@@ -54,6 +56,7 @@ class Services:
             self.conversation.reports.stop()
         # What callers heard but Redis has not taken yet: a last few tries.
         self.conversation.backlog.close(timeout=BACKLOG_CLOSE_SECONDS)
+        self.outbound.stop()  # a call it leaves is still queued, and due again after its lease
         self.redis.close()
         self.openai.close()
 
@@ -149,12 +152,12 @@ def build_services(settings: Settings, prompts: Prompts) -> Services:
         )
         # Reports queued before a restart go out without waiting for a new call to end.
         reports.start()
-    # Twilio's REST API moves live streaming calls (transfer, hang up).
-    twilio_rest = (
-        TwilioClient(settings.twilio_account_sid, settings.twilio_auth_token)
-        if settings.twilio_account_sid and settings.twilio_auth_token
-        else None
+    # Twilio's REST API moves live streaming calls (transfer, hang up), places
+    # outbound calls and leaves voicemail on them.
+    twilio_rest = rest.build_client(
+        settings.twilio_account_sid, settings.twilio_auth_token, settings.twilio_api_base_url
     )
+    outbound = build_outbound(settings, store, twilio_rest)
     call_control = CallControl(
         settings=settings,
         prompts=prompts,
@@ -163,6 +166,7 @@ def build_services(settings: Settings, prompts: Prompts) -> Services:
         twilio_rest=twilio_rest,
     )
     return Services(
+        outbound=outbound,
         settings=settings,
         prompts=prompts,
         redis=redis_client,
@@ -185,3 +189,43 @@ def build_services(settings: Settings, prompts: Prompts) -> Services:
             cooldown=settings.stream_breaker_cooldown,
         ),
     )
+
+
+def outbound_missing(settings: Settings) -> list[str]:
+    """The settings outbound calls need and lack, as one sentence each."""
+    missing = []
+    if not settings.outbound_caller_id:
+        missing.append("OUTBOUND_CALLER_ID is not set: outbound calls need a number to come from.")
+    if not settings.public_base_url:
+        missing.append(
+            "PUBLIC_BASE_URL is not set: Twilio needs it to reach this app for outbound calls."
+        )
+    if not (settings.twilio_account_sid and settings.twilio_auth_token):
+        missing.append(
+            "TWILIO_ACCOUNT_SID is not set: outbound calls are placed through Twilio's REST API."
+        )
+    return missing
+
+
+def build_outbound(settings: Settings, store: CallStore, twilio_rest) -> OutboundQueue:
+    """The outbound queue, with a dialer when calls can be placed (create_app starts it)."""
+    can_dial = twilio_rest is not None and not outbound_missing(settings)
+
+    def place(to: str, from_: str, call_id: str):
+        return rest.place_call(
+            twilio_rest, to=to, from_=from_, base_url=settings.public_base_url, marker=call_id
+        )
+
+    def find(to: str, from_: str, since: float) -> list[str]:
+        return rest.find_placed(twilio_rest, to=to, from_=from_, since=since)
+
+    queue = OutboundQueue(
+        store,
+        caller_id=settings.outbound_caller_id,
+        per_second=settings.outbound_calls_per_second,
+        max_active=settings.outbound_max_active,
+        max_call_seconds=settings.max_call_seconds,
+        place=place if can_dial else None,
+        find=find if can_dial else None,
+    )
+    return queue

@@ -2,12 +2,21 @@
 
 A file is re-read when its modification time or size changes, so an owner who
 edits `prompts/greeting.txt` hears the change on the next call, no restart.
+
+`{name}` in any prompt file is the call's variable `name` (an outbound call's
+`variables`), for the call whose request is being served (CALL_VARIABLES,
+set by each webhook). A variable the call lacks is left out; nothing else is
+special: `{` without a name, `{0}` or `{a.b}` stay as written. The values are
+put in as plain text on one line, so a value cannot add lines to the system
+prompt, and TwiML's text filter sees every line before it is spoken.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import random
+import re
 import threading
 from pathlib import Path
 
@@ -44,6 +53,40 @@ BUILT_IN_LINES = {
     "turn_limit": "We've reached the limit for this call. Goodbye!",
 }
 
+# Optional files for outbound calls, with their built-in lines.
+OUTBOUND_LINES = {
+    "outbound_greeting": "Hello, this is an automated call. Do you have a moment?",
+    "voicemail": "Sorry we missed you. We will try again later. Goodbye.",
+}
+
+CALL_VARIABLES: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "ivr_call_variables", default=None
+)
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Line breaks, tabs and other control characters in a value become one space.
+_NOT_PLAIN = re.compile(r"[\s\x00-\x1f\x7f-\x9f]+")
+
+
+def fill(text: str, variables: dict[str, str] | None) -> str:
+    """`text` with each `{name}` replaced by its variable's value, or left out when missing.
+
+    One pass over the template: a value holding `{other}` is not expanded again.
+    No str.format: an owner's file and a caller's values never reach attribute
+    or index look-ups.
+    """
+    if "{" not in text:
+        return text
+    variables = variables or {}
+
+    def value(match: re.Match) -> str:
+        return _NOT_PLAIN.sub(" ", str(variables.get(match.group(1), ""))).strip()
+
+    filled = _PLACEHOLDER.sub(value, text)
+    # A left-out variable must not leave "Hello , ..." or a double space behind.
+    filled = re.sub(r" {2,}", " ", filled)
+    return re.sub(r" +([,.!?;:])", r"\1", filled).strip()
+
+
 # Said while a slow answer is on its way, when prompts/hold.txt cannot be read.
 BUILT_IN_HOLD_LINES = ["One moment, please.", "Let me check that for you."]
 
@@ -72,6 +115,10 @@ class Prompts:
         return absent
 
     def get(self, name: str) -> str:
+        """The prompt file's text, with the current call's variables filled in."""
+        return fill(self.raw(name), CALL_VARIABLES.get())
+
+    def raw(self, name: str) -> str:
         path = self.directory / f"{name}.txt"
         try:
             stat = path.stat()

@@ -17,7 +17,7 @@ from twilio.base.exceptions import TwilioException
 from ..agent.llm import LLMUnavailable
 from ..agent.prompts import REQUIRED, Prompts
 from ..config import ConfigError, Settings, load_settings
-from ..services import Services, build_services
+from ..services import Services, build_services, outbound_missing
 from ..stream.realtime import open_realtime
 
 
@@ -53,8 +53,23 @@ def run_checks(environ: Mapping[str, str] | None = None) -> Iterator[Check]:
             yield _twilio(services)
         if settings.streaming_enabled:
             yield _realtime(services)
+        if settings.api_token or settings.outbound_caller_id:
+            yield _outbound(settings)
     finally:
         services.close()
+
+
+def _outbound(settings: Settings) -> Check:
+    """Outbound calls are asked for (API_TOKEN or OUTBOUND_CALLER_ID): can they be placed?"""
+    missing = outbound_missing(settings)
+    if missing:
+        return Check("outbound calls", False, " ".join(missing))
+    return Check(
+        "outbound calls",
+        True,
+        f"from {settings.outbound_caller_id}, {settings.outbound_calls_per_second:g} per second, "
+        f"at most {settings.outbound_max_active} live",
+    )
 
 
 def _mode(settings: Settings) -> str:

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 from .. import __version__
 from ..envfile import load_env_file
@@ -100,6 +101,27 @@ def build_parser() -> argparse.ArgumentParser:
     transcript.add_argument(
         "--json", action="store_true", help="print the call's record as JSON instead"
     )
+    dial = commands.add_parser(
+        "dial",
+        help="queue outbound calls",
+        description="Queue outbound calls in the app's Redis; the app's dialers place them, "
+        "at OUTBOUND_CALLS_PER_SECOND over all instances. Checked as POST /api/calls checks "
+        "them; nothing is queued if any call is refused.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    dial.add_argument("number", nargs="?", help="the number to call, in E.164 form")
+    dial.add_argument(
+        "--var",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="a call variable, filling {K} in the prompt files (repeatable)",
+    )
+    dial.add_argument("--agent", default="", help="the agent to call with (stored with the call)")
+    dial.add_argument(
+        "--csv", type=Path, help="a CSV file: a `to` column, every other column a variable"
+    )
     _add_test_command(commands)
     return parser
 
@@ -113,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         "check": _check,
         "configure-number": _configure_number,
         "transcript": _transcript,
+        "dial": _dial,
     }
     try:
         return handlers[args.command](args)
@@ -258,6 +281,90 @@ def _check(args) -> int:
         ready = ready and check.ok
     print("ready to answer calls" if ready else "not ready: fix the FAILED items above")
     return OK if ready else FAILED
+
+
+# -- ivr dial --------------------------------------------------------------------------------
+
+
+def _dial(args) -> int:
+    from redis.exceptions import RedisError
+
+    from ..config import ConfigError, load_settings
+    from ..services import build_redis, outbound_missing
+    from ..store.calls import CallStore
+    from ..store.outbound import OutboundError, OutboundQueue, parse_request
+
+    try:
+        bodies = _dial_bodies(args)
+        requests_ = [parse_request(body) for body in bodies]
+    except (OutboundError, ValueError) as exc:
+        where = getattr(exc, "row", "")
+        return _fail(f"{where}{exc}")
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        return _fail(" ".join(exc.problems))
+    missing = outbound_missing(settings)
+    if missing:
+        return _fail(missing[0])
+    if not settings.redis_url:
+        return _fail("REDIS_URL is not set: calls are queued in the app's Redis.")
+    client = build_redis(settings.redis_url, settings.redis_cluster)
+    store = CallStore(client, history_max=1, ttl=60, retention=settings.transcript_retention)
+    queue = OutboundQueue(
+        store,
+        caller_id=settings.outbound_caller_id,
+        per_second=settings.outbound_calls_per_second,
+        max_active=settings.outbound_max_active,
+        max_call_seconds=settings.max_call_seconds,
+    )
+    try:
+        for request in requests_:
+            print(f"{queue.enqueue(request)} queued {request.to}")
+    except RedisError as exc:
+        return _fail(f"cannot queue in Redis at REDIS_URL ({exc}).", FAILED)
+    finally:
+        client.close()
+    return OK
+
+
+def _dial_bodies(args) -> list[dict]:
+    """The calls asked for, as API bodies: one from NUMBER and --var, or one per CSV row."""
+    import csv
+
+    from ..store.outbound import OutboundError, parse_request
+
+    if bool(args.number) == bool(args.csv):
+        raise ValueError("Give a NUMBER or --csv FILE, not both or neither.")
+    if args.number:
+        variables = {}
+        for pair in args.var:
+            name, sep, value = pair.partition("=")
+            if not sep:
+                raise ValueError(f"--var takes NAME=VALUE, not {pair!r}.")
+            variables[name] = value
+        return [{"to": args.number, "variables": variables, "agent": args.agent}]
+    try:
+        with args.csv.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except OSError as exc:
+        raise ValueError(f"cannot read {args.csv}: {exc.strerror}.") from exc
+    if not rows or "to" not in rows[0]:
+        raise ValueError(f"{args.csv} needs a header row with a `to` column.")
+    bodies = []
+    for number, row in enumerate(rows, start=2):  # line 1 is the header
+        body = {
+            "to": (row.pop("to") or "").strip(),
+            "variables": {k: v for k, v in row.items() if k is not None},
+            "agent": args.agent,
+        }
+        try:
+            parse_request(body)
+        except OutboundError as exc:
+            exc.row = f"{args.csv} line {number}: "
+            raise
+        bodies.append(body)
+    return bodies
 
 
 # -- ivr configure-number ----------------------------------------------------------------------

@@ -19,7 +19,7 @@ import redis
 
 from .. import metrics
 from ..agent.llm import LLMUnavailable, Responder
-from ..agent.prompts import Prompts
+from ..agent.prompts import OUTBOUND_LINES, Prompts
 from ..agent.speakable import make_speakable
 from ..agent.tools import ToolCall, ToolRegistry
 from ..config import WEBHOOK_ANSWER_SECONDS, Settings
@@ -75,11 +75,21 @@ class Conversation:
 
     # -- entry points -------------------------------------------------------------
 
-    def begin_call(self, sid: str, caller: str, callee: str, mode: str) -> bool:
-        """Record a new call; False for a repeated /voice or when Redis is down."""
+    def begin_call(
+        self, sid: str, caller: str, callee: str, mode: str, details: dict | None = None
+    ) -> bool:
+        """Record a new call; False for a repeated /voice or when Redis is down.
+
+        `details` are more fields of its record (an outbound call's direction,
+        variables and queued call id).
+        """
         first = bool(
             self._safely(
-                sid, "start", lambda: self.store.start(sid, caller=caller, callee=callee, mode=mode)
+                sid,
+                "start",
+                lambda: self.store.start(
+                    sid, caller=caller, callee=callee, mode=mode, details=details
+                ),
             )
         )
         if first:
@@ -93,9 +103,15 @@ class Conversation:
             )
         return first
 
-    def greet(self, sid: str, caller: str = "", callee: str = "") -> dict:
-        greeting = self.prompts.line("greeting")
-        if self.begin_call(sid, caller, callee, mode="gather"):
+    def greet(
+        self, sid: str, caller: str = "", callee: str = "", details: dict | None = None
+    ) -> dict:
+        """The first turn: greeting.txt, or outbound_greeting.txt for a call we placed."""
+        if details and details.get("direction") == "outbound-api":
+            greeting = self.prompts.say("outbound_greeting", OUTBOUND_LINES["outbound_greeting"])
+        else:
+            greeting = self.prompts.line("greeting")
+        if self.begin_call(sid, caller, callee, mode="gather", details=details):
             self._safely(sid, "record greeting", lambda: self.store.record_agent(sid, greeting))
         return {"kind": "answer", "text": greeting, "next": 1}
 

@@ -3,7 +3,9 @@
 Keys for one call share the `{CallSid}` hash tag, so a Redis Cluster keeps the
 whole call on one shard and MULTI transactions over them are allowed:
 
-    ivr:{CA…}:meta        hash: from, to, started, ended, status, turns, reprompts
+    ivr:{CA…}:meta        hash: from, to, started, ended, status, turns, reprompts,
+                          and for an outbound call direction, variables (JSON),
+                          outbound_id, answered_by
     ivr:{CA…}:transcript  list of JSON entries {role, content, ts, mode}
     ivr:{CA…}:results     hash: turn number -> the answer already given (replays)
     ivr:{CA…}:claim:N     lease (gather/claims.py): the worker answering turn N
@@ -100,8 +102,19 @@ class CallStore:
 
     # -- call lifecycle -------------------------------------------------------
 
-    def start(self, sid: str, *, caller: str = "", callee: str = "", mode: str = "gather") -> bool:
-        """Record a call's arrival; True the first time, False for a repeated /voice."""
+    def start(
+        self,
+        sid: str,
+        *,
+        caller: str = "",
+        callee: str = "",
+        mode: str = "gather",
+        details: dict[str, str] | None = None,
+    ) -> bool:
+        """Record a call's arrival; True the first time, False for a repeated /voice.
+
+        `details` are further fields (direction, variables, outbound_id).
+        """
         meta = self._key(sid, "meta")
         stamp = f"{time.time():.6f}"
         with self.redis.pipeline(transaction=True) as pipe:
@@ -115,6 +128,8 @@ class CallStore:
                 pipe.hset(meta, "mode", mode)
             else:
                 pipe.hsetnx(meta, "mode", mode)
+            for name, value in (details or {}).items():
+                pipe.hsetnx(meta, name, value)
             self._expire_all(pipe, sid, self.ttl)
             pipe.hget(meta, "started")
             replies = pipe.execute()
@@ -164,6 +179,11 @@ class CallStore:
             self._expire_all(pipe, sid, self.ttl)
             block = pipe.execute()[0]
         return block * 1000 + 1
+
+    def variables(self, sid: str) -> dict[str, str]:
+        """The call's variables (an outbound call's), {} for any other call."""
+        raw = self.redis.hget(self._key(sid, "meta"), "variables")
+        return json.loads(raw) if raw else {}
 
     def meta(self, sid: str) -> dict[str, str]:
         raw = self.redis.hgetall(self._key(sid, "meta"))

@@ -73,6 +73,9 @@ def build_report(store: CallStore, sid: str) -> dict | None:
         "modes": modes,
         "status": meta.get("status", ""),
         "ended_by": ended_by(meta),
+        "direction": meta.get("direction") or "inbound",
+        "answered_by": meta.get("answered_by") or None,
+        "variables": json.loads(meta["variables"]) if meta.get("variables") else {},
         "transcript": [
             {**{k: v for k, v in e.items() if k != "ts"}, "at": _iso(e.get("ts"))}
             for e in transcript

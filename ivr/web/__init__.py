@@ -1,4 +1,5 @@
-"""Every route: Twilio's webhooks (voice.py), the media stream (media_stream.py), the call log.
+"""Every route: Twilio's webhooks (voice.py), the media stream (media_stream.py), the call log,
+the calls API (api.py).
 
 The webhooks and the media-stream socket are registered by create_app. The
 owner's window on the platform, the call log pages and /metrics, is
@@ -15,6 +16,10 @@ from flask import Flask
 
 def init_app(app: Flask) -> None:
     settings = app.extensions["ivr"].settings
+    if settings.api_token:  # the calls API (api.py); without a token, /api/* is 404
+        from .api import bp as api_bp
+
+        app.register_blueprint(api_bp)
     if not settings.admin_password:
         return
     from .pages import bp

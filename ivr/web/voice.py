@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import time
 
 import redis
+import requests
 from flask import Blueprint, abort, jsonify, request
+from twilio.base.exceptions import TwilioException
 
 from .. import metrics
+from ..agent import machines
+from ..agent.prompts import CALL_VARIABLES
 from ..gather.turn import Heard, render_result
 from ..logfmt import CALL_SID
 from ..services import get_services
@@ -38,6 +43,7 @@ def twilio_webhook(view):
             abort(400, "CallSid is required")
         CALL_SID.set(sid)  # for LOG_FORMAT=json
         try:
+            _use_call_variables(sid)
             answer = view(sid, *args, **kwargs)
             if isinstance(answer, dict):
                 answer = render_result(answer, get_services().settings)
@@ -47,6 +53,20 @@ def twilio_webhook(view):
             return twiml.render(_apology(sid))
 
     return wrapper
+
+
+def _use_call_variables(sid: str) -> None:
+    """The call's variables fill `{name}` in every prompt this request reads."""
+    try:
+        CALL_VARIABLES.set(get_services().store.variables(sid))
+    except redis.RedisError as exc:  # the prompts lose their variables, not the caller
+        log.error("call %s: variables not read: %s", sid, exc)
+        CALL_VARIABLES.set(None)
+
+
+def _outbound_id() -> str:
+    """The queued call's id, which the dialer put in the call's webhook URLs."""
+    return request.args.get("outbound", "")[:64]
 
 
 def _apology(sid: str):
@@ -77,10 +97,51 @@ def _turn() -> int | None:
 @twilio_webhook
 def voice(sid: str):
     caller, callee = request.form.get("From", ""), request.form.get("To", "")
+    if request.form.get("Direction") == "outbound-api" and _outbound_id():
+        # A call the dialer placed: answered in Gather mode with outbound_greeting.txt.
+        return get_services().conversation.greet(sid, caller, callee, _outbound(sid))
     stream = answer_with_stream(sid, caller, callee)
     if stream is not None:
         return stream
     return get_services().conversation.greet(sid, caller, callee)
+
+
+def _outbound(sid: str) -> dict[str, str]:
+    """The record fields of an outbound call, its variables now in use for the prompts."""
+    outbound = get_services().outbound
+    call_id = _outbound_id()
+    try:
+        variables = outbound.variables(call_id)
+        outbound.answered(call_id, sid)
+    except redis.RedisError as exc:
+        log.error("call %s: outbound call %s not read: %s", sid, call_id, exc)
+        variables = {}
+    CALL_VARIABLES.set(variables)
+    return {
+        "direction": "outbound-api",
+        "outbound_id": call_id,
+        "variables": json.dumps(variables),
+    }
+
+
+@bp.post("/amd-status")
+@twilio_signed
+def amd_status():
+    """Twilio's AsyncAmdStatusCallback: who answered, and what to do about a machine."""
+    sid = request.form.get("CallSid", "")
+    if not sid:
+        abort(400, "CallSid is required")
+    CALL_SID.set(sid)
+    _use_call_variables(sid)
+    try:
+        machines.answered_by(
+            get_services(), sid, request.form.get("AnsweredBy", "unknown"), _outbound_id()
+        )
+    except (redis.RedisError, TwilioException, requests.RequestException) as exc:
+        # A 5xx makes Twilio send it again; the conversation goes on meanwhile.
+        log.error("call %s: answering machine not handled: %s", sid, exc)
+        return "", 503
+    return "", 204
 
 
 @bp.post(FALLBACK_PATH)
@@ -138,6 +199,8 @@ def call_status():
     if status in ENDED_STATUSES:
         try:
             get_services().conversation.finish(sid, status)
+            if _outbound_id():
+                get_services().outbound.ended(_outbound_id(), sid, status)
         except redis.RedisError as exc:
             # Not recorded, so not reported either: a 5xx makes Twilio send it again.
             log.error("call %s: end of call not recorded: %s", sid, exc)

@@ -342,7 +342,14 @@ def test_every_command_and_argument_is_described():
     parser = build_parser()
     assert parser.description and "exit codes" in parser.epilog
     (commands,) = [a for a in parser._actions if a.dest == "command"]
-    assert set(commands.choices) == {"call", "check", "configure-number", "transcript", "test"}
+    assert set(commands.choices) == {
+        "call",
+        "check",
+        "configure-number",
+        "transcript",
+        "test",
+        "dial",
+    }
     helps = {action.dest: action.help for action in commands._choices_actions}
     for name, command in commands.choices.items():
         assert helps[name] and command.description, name

@@ -64,6 +64,11 @@ def test_a_completed_call_is_reported_with_its_transcript(report_call, receiver,
     assert report["status"] == "completed"
     assert report["ended_by"] == "caller-hung-up"
     assert report["modes"] == ["gather"]
+    assert (report["direction"], report["answered_by"], report["variables"]) == (
+        "inbound",
+        None,
+        {},
+    )
     assert report["duration_seconds"] >= 0
     assert report["started_at"] <= report["ended_at"]
     assert [(e["role"], e["content"]) for e in report["transcript"]] == [
@@ -72,6 +77,41 @@ def test_a_completed_call_is_reported_with_its_transcript(report_call, receiver,
         ("assistant", "You said: I need opening hours."),
     ]
     assert all(e["at"] for e in report["transcript"])
+
+
+def test_an_outbound_call_is_reported_with_direction_answered_by_and_variables(
+    report_config, apps, receiver, monkeypatch
+):
+    from ivr.store.outbound import CallRequest
+
+    base = "https://agent.example.com"
+    config = {**report_config, "OUTBOUND_CALLER_ID": "+15550009999", "PUBLIC_BASE_URL": base}
+    monkeypatch.setattr("ivr.store.outbound.OutboundQueue.start", lambda self: None)
+    apps.append(create_app(config))
+    client = apps[-1].test_client()
+    call_id = (
+        apps[-1].extensions["ivr"].outbound.enqueue(CallRequest("+15551230001", {"name": "Ada"}))
+    )
+    call = TwilioCall(client, caller="+15550009999", callee="+15551230001", base_url=base)
+    fields = {**call.params(), "Direction": "outbound-api"}
+    assert (
+        signed_post(client, f"/voice?outbound={call_id}", fields, base_url=base).status_code == 200
+    )
+    signed_post(client, "/amd-status", {**fields, "AnsweredBy": "human"}, base_url=base)
+    ended = signed_post(
+        client,
+        f"/call-status?outbound={call_id}",
+        {**fields, "CallStatus": "completed"},
+        base_url=base,
+    )
+    assert ended.status_code == 204
+    assert wait_for(receiver.reports)
+    (report,) = receiver.reports()
+    assert report["direction"] == "outbound-api"
+    assert report["answered_by"] == "human"
+    assert report["variables"] == {"name": "Ada"}
+    record = apps[-1].extensions["ivr"].outbound.record(call_id)
+    assert (record["status"], record["ended_by"]) == ("completed", "caller-hung-up")
 
 
 def test_the_report_is_signed_as_standard_webhooks_define(report_call, receiver):
