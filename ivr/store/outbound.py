@@ -181,7 +181,9 @@ class OutboundQueue:
         self.place = place
         self.find = find
         self.retry_seconds = RETRY_SECONDS
-        self._take = self.redis.register_script(_TAKE)
+        # Registered on first use: a cluster client connects when first used, and the
+        # app (or `ivr check`) must build before Redis answers.
+        self._take_script = None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -302,7 +304,9 @@ class OutboundQueue:
 
     def take(self) -> tuple[str | None, float]:
         """(a call now leased to this dialer, or None; how long to sleep if None)."""
-        call_id, value = self._take(
+        if self._take_script is None:
+            self._take_script = self.redis.register_script(_TAKE)
+        call_id, value = self._take_script(
             keys=[DUE, ACTIVE, NEXT],
             args=[
                 self.interval,
