@@ -11,7 +11,7 @@ from flask import Blueprint, Response, abort, render_template, request
 from .. import metrics
 from ..services import get_services
 from .access import check_credentials, secure_headers
-from .records import END_REASONS, MODES, CallLog, Filters, mask
+from .records import DIRECTIONS, END_REASONS, MODES, CallLog, Filters, mask
 
 bp = Blueprint(
     "web",
@@ -70,6 +70,7 @@ def calls():
     filters = Filters(
         ended=args.get("ended", "") if args.get("ended") in (*END_REASONS, "live") else "",
         mode=args.get("mode", "") if args.get("mode") in MODES else "",
+        direction=args.get("direction", "") if args.get("direction") in DIRECTIONS else "",
         # The last four digits at most: the search box never puts a number in a URL.
         digits="".join(c for c in args.get("digits", "") if c.isdigit())[-4:],
     )
@@ -91,6 +92,7 @@ def calls():
         show=(lambda n: n) if reveal else mask,
         end_reasons=END_REASONS,
         modes=MODES,
+        directions=DIRECTIONS,
         refresh=REFRESH_SECONDS if any(r.live for r in rows) else None,
     )
 

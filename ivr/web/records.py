@@ -18,6 +18,7 @@ PER_PAGE = 25
 SCAN_CHUNK = 200
 SCAN_LIMIT = 10_000  # calls looked at for one filtered page; the index is newest first
 MODES = ("gather", "stream", "fallback")
+DIRECTIONS = ("inbound", "outbound")
 END_REASONS = (
     "caller-hung-up",
     "transferred",
@@ -35,10 +36,11 @@ class Filters:
     ended: str = ""  # one of END_REASONS, or "live"
     mode: str = ""  # one of MODES
     digits: str = ""  # the caller number's last digits
+    direction: str = ""  # one of DIRECTIONS
 
     @property
     def active(self) -> bool:
-        return bool(self.ended or self.mode or self.digits)
+        return bool(self.ended or self.mode or self.digits or self.direction)
 
     def match(self, row: CallRow) -> bool:
         if self.ended == "live" and not row.live:
@@ -46,6 +48,8 @@ class Filters:
         if self.ended and self.ended != "live" and row.end_reason != self.ended:
             return False
         if self.mode and self.mode not in row.modes:
+            return False
+        if self.direction and row.direction != self.direction:
             return False
         return not self.digits or _digits(row.caller).endswith(self.digits)
 
@@ -64,6 +68,9 @@ class CallRow:
     report: str = ""
     turns: int = 0
     worst_ms: int | None = None
+    direction: str = "inbound"  # or "outbound": placed by the dialer
+    answered_by: str = ""  # outbound: Twilio's AnsweredBy (human, machine_end_beep, ...)
+    variables: dict[str, str] = field(default_factory=dict)  # outbound: the call's variables
 
     @property
     def duration(self) -> float | None:
@@ -167,6 +174,9 @@ class CallLog:
             live=live,
             report=meta.get("report", ""),
             turns=int(meta.get("turns") or 0),
+            direction="outbound" if meta.get("direction", "").startswith("outbound") else "inbound",
+            answered_by=meta.get("answered_by", ""),
+            variables=_variables(meta.get("variables")),
         )
 
     def _with_transcripts(self, rows: list[CallRow]) -> list[CallRow]:
@@ -290,3 +300,14 @@ def _float(raw: str | None) -> float | None:
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _variables(raw: str | None) -> dict[str, str]:
+    """An outbound call's variables as stored (JSON); anything else shows as none."""
+    try:
+        value = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): str(v) for k, v in value.items()}

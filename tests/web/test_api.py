@@ -7,6 +7,7 @@ through the REST API (mocked with `responses`).
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from urllib.parse import parse_qs
@@ -262,3 +263,56 @@ def test_a_forged_amd_status_is_refused(api):
         )
         assert answer_.status_code == 403
         assert len(mock.calls) == 0
+
+
+def test_the_call_log_shows_and_filters_outbound_calls(api_config, apps, monkeypatch):
+    monkeypatch.setattr("ivr.store.outbound.OutboundQueue.start", lambda self: None)
+    app = create_app({**api_config, "ADMIN_PASSWORD": "correct horse battery staple"})
+    apps.append(app)
+    client = app.test_client()
+    auth = {
+        "Authorization": "Basic " + base64.b64encode(b"admin:correct horse battery staple").decode()
+    }
+    # One inbound call, one outbound call a person answered.
+    inbound = TwilioCall(client, base_url=BASE)
+    inbound.start()
+    call_id = queue(client, {"to": "+15551230001", "variables": {"name": "Ada"}}).get_json()["id"]
+    outbound = outbound_call(client, call_id)
+    answer(outbound)
+    signed_post(
+        client,
+        f"/amd-status?outbound={call_id}",
+        {"CallSid": outbound.sid, "AnsweredBy": "human"},
+        base_url=BASE,
+    )
+
+    def listed(query: str) -> list[tuple[str, str]]:
+        page = client.get(f"/calls{query}", headers=auth, base_url=BASE)
+        assert page.status_code == 200
+        html = page.get_data(as_text=True)
+        rows = re.findall(r"<tr class=[^>]*>(.*?)</tr>", html, re.S)
+        return [
+            (
+                re.search(r"/calls/(CA\w+)", row).group(1),
+                re.search(r'"direction">(\w+)', row).group(1),
+            )
+            for row in rows
+        ]
+
+    assert sorted(listed("")) == sorted([(inbound.sid, "inbound"), (outbound.sid, "outbound")])
+    assert listed("?direction=outbound") == [(outbound.sid, "outbound")]
+    assert listed("?direction=inbound") == [(inbound.sid, "inbound")]
+    # One call's page: direction, who answered, the variables.
+    detail = client.get(f"/calls/{outbound.sid}", headers=auth, base_url=BASE).get_data(
+        as_text=True
+    )
+    assert '<dd class="direction">outbound</dd>' in detail
+    assert '<dd class="answered-by">human</dd>' in detail
+    assert "<code>name</code>: Ada" in detail
+    download = client.get(f"/calls/{outbound.sid}.json", headers=auth, base_url=BASE)
+    call = download.get_json()["call"]
+    assert (call["direction"], call["answered_by"], call["variables"]) == (
+        "outbound",
+        "human",
+        {"name": "Ada"},
+    )
