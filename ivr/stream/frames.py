@@ -151,6 +151,8 @@ class Reader:
                 raise ProtocolError(CLOSE_TOO_BIG, "message too big")
             body = head + 4 if masked else head
             if end - body < n:
+                if end > body:
+                    self._check_partial_text(first & 0x0F, buf, head, body, end)
                 break
             payload = buf[body : body + n]
             if masked:
@@ -159,6 +161,23 @@ class Reader:
             self._take(first & 0x80, first & 0x0F, payload, out)
         self._rest = buf[pos:]
         return out
+
+    def _check_partial_text(self, opcode: int, buf: bytes, head: int, body: int, end: int) -> None:
+        """Fail fast inside a text frame still arriving: its bytes so far must be UTF-8.
+
+        Only a frame split across reads gets here, and it is checked again whole.
+        """
+        if opcode == OP_TEXT:
+            decoder = _UTF8()
+        elif opcode == OP_CONT and self._utf8 is not None:
+            decoder = _UTF8()
+            decoder.setstate(self._utf8.getstate())  # where the message's text stands
+        else:
+            return
+        part = buf[body:end]
+        if self.masked:
+            part = apply_mask(part, buf[head:body])
+        _check_utf8(decoder, part, False)
 
     def _take(self, fin: int, opcode: int, payload: bytes, out: list) -> None:
         if opcode >= OP_CLOSE:

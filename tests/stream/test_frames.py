@@ -123,3 +123,38 @@ def test_a_code_point_split_across_fragments_is_text():
     # Binary fragments are not text: any bytes.
     binary = client_bytes(Frame(2, b"\xff", fin=False), Frame(OP_CONT, b"\xc3"))
     assert r.feed(binary) == [(2, b"\xff\xc3")]
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_bad_utf8_in_a_text_frame_still_arriving_is_refused_at_once(masked):
+    """Autobahn 6.4.3/6.4.4: one text frame sent in chops; the chop with the bad bytes
+    is refused, before the rest of the frame arrives."""
+    text = "κόσμε".encode() + b"\xf4\x90\x80\x80" + b"edited"  # U+110000 is no code point
+    wire = client_bytes(Frame(OP_TEXT, text)) if masked else frames.encode(frames.OP_TEXT, text)
+    header = len(wire) - len(text)
+    r = frames.Reader(masked=masked, max_size=1 << 20)
+    assert r.feed(wire[: header + len("κόσμε".encode()) + 1]) == []  # valid so far: waits
+    with pytest.raises(frames.ProtocolError) as refused:
+        r.feed(wire[header + len("κόσμε".encode()) + 1 : header + text.index(b"\x90") + 1])
+    assert refused.value.code == frames.CLOSE_INVALID_DATA
+
+
+def test_a_text_frame_arriving_in_chops_split_inside_code_points_is_text():
+    """The control: chops that cut code points in two are still valid text so far."""
+    text = "café 😀 κόσμε".encode()
+    wire = client_bytes(Frame(OP_TEXT, text))
+    r = reader()
+    got = []
+    for i in range(len(wire)):
+        got += r.feed(wire[i : i + 1])
+    assert got == [(OP_TEXT, text)]
+
+
+def test_a_continuation_arriving_in_chops_is_checked_against_its_message():
+    r = reader()
+    assert r.feed(client_bytes(Frame(OP_TEXT, b"caf\xc3", fin=False))) == []
+    cont = client_bytes(Frame(OP_CONT, b"\xa9 ok \xff rest"))
+    assert r.feed(cont[: len(cont) - len(" ok \xff rest".encode("latin-1")) + 1]) == []
+    with pytest.raises(frames.ProtocolError) as refused:
+        r.feed(cont[len(cont) - len(" ok \xff rest".encode("latin-1")) + 1 : -4])
+    assert refused.value.code == frames.CLOSE_INVALID_DATA
