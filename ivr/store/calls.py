@@ -3,7 +3,7 @@
 Keys for one call share the `{CallSid}` hash tag, so a Redis Cluster keeps the
 whole call on one shard and MULTI transactions over them are allowed:
 
-    ivr:{CA…}:meta        hash: from, to, started, ended, status, turns, reprompts
+    ivr:{CA…}:meta        hash: from, to, agent, started, ended, status, turns, reprompts
     ivr:{CA…}:transcript  list of JSON entries {role, content, ts, mode}
     ivr:{CA…}:results     hash: turn number -> the answer already given (replays)
     ivr:{CA…}:claim:N     lease (gather/claims.py): the worker answering turn N
@@ -82,7 +82,15 @@ class CallStore:
 
     # -- call lifecycle -------------------------------------------------------
 
-    def start(self, sid: str, *, caller: str = "", callee: str = "", mode: str = "gather") -> bool:
+    def start(
+        self,
+        sid: str,
+        *,
+        caller: str = "",
+        callee: str = "",
+        mode: str = "gather",
+        agent: str = "default",
+    ) -> bool:
         """Record a call's arrival; True the first time, False for a repeated /voice."""
         meta = self._key(sid, "meta")
         with self.redis.pipeline(transaction=True) as pipe:
@@ -91,6 +99,9 @@ class CallStore:
             pipe.hsetnx(meta, "to", callee)
             pipe.hsetnx(meta, "status", "in-progress")
             pipe.hsetnx(meta, "mode", mode)
+            # Which agent (ivr/agent/agents.py) the call has, for webhooks whose
+            # URL does not name it, the call log and the report.
+            pipe.hsetnx(meta, "agent", agent)
             self._expire_all(pipe, sid, self.ttl)
             return bool(pipe.execute()[0])
 

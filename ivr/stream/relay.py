@@ -50,6 +50,7 @@ class ModelUnavailable(Exception):
 
 @dataclass
 class RelayConfig:
+    model: str = ""  # the realtime model; blank: OPENAI_REALTIME_MODEL
     instructions: str = ""
     greeting: str = ""
     voice: str = "marin"
@@ -71,6 +72,7 @@ class Relay(TwilioSide, ModelEvents):
         on_success: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
         control=None,
+        per_call: Callable[[dict], tuple[RelayConfig, object]] | None = None,
     ):
         self.twilio = twilio
         self.open_model = open_model
@@ -80,6 +82,9 @@ class Relay(TwilioSide, ModelEvents):
         self.on_success = on_success
         self.clock = clock
         self.control = control
+        # (session, call control) for the call's `start` parameters: its agent's.
+        self.per_call = per_call
+        self._start_seen = threading.Event()
 
         self.model = None
         self.call_sid = ""
@@ -167,6 +172,17 @@ class Relay(TwilioSide, ModelEvents):
     # -- model connection -------------------------------------------------------------
 
     def _connect_model(self) -> None:
+        if self.per_call is not None:
+            # Which session to open depends on `start`; the caller's loop gives up
+            # (no-start, or connect timed out) if it never comes.
+            limit = self.config.connect_timeout + NO_START_GRACE
+            if not self._start_seen.wait(limit) or self._stopping:
+                return
+            try:
+                self.config, self.control = self.per_call(self.custom)
+            except Exception as exc:  # a bug: the call goes on in Gather mode
+                self._model_failed = f"session not chosen: {exc!r}"
+                return
         try:
             model = self.open_model()
         except Exception as exc:  # refused, timed out, bad credentials: all mean fall back

@@ -35,6 +35,7 @@ class TwilioSide:
             self.custom = start.get("customParameters") or {}
             self.writer.call_sid = self.call_sid or "?"
             self._started_at = self.clock()
+            self._start_seen.set()
             threading.Thread(target=self._load_history, daemon=True, name="history").start()
         elif kind == "dtmf":
             digit = event["dtmf"]["digit"]

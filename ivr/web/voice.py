@@ -15,6 +15,7 @@ from ..logfmt import CALL_SID
 from ..services import get_services
 from ..store.calls import ENDED_STATUSES
 from ..telephony import twiml
+from .agent_choice import agent_for_request, url_agent
 from .media_stream import FALLBACK_PATH, answer_with_stream
 from .signed import twilio_signed
 
@@ -39,7 +40,8 @@ def twilio_webhook(view):
         try:
             answer = view(sid, *args, **kwargs)
             if isinstance(answer, dict):
-                answer = render_result(answer, get_services().settings)
+                line = agent_for_request()
+                answer = render_result(answer, line.settings, url_agent(line))
             return twiml.render(answer)
         except Exception:
             log.exception("call %s: unexpected error in %s", sid, request.path)
@@ -50,9 +52,9 @@ def twilio_webhook(view):
 
 def _apology(sid: str):
     """Sorry, and the call goes on with a new Gather, numbered like any other."""
-    services = get_services()
-    result = services.conversation.apologise(sid, _turn())
-    return twiml.gather_turn(result["text"], result["next"], services.settings)
+    line = agent_for_request()
+    result = line.conversation.apologise(sid, _turn())
+    return twiml.gather_turn(result["text"], result["next"], line.settings, url_agent(line))
 
 
 def _confidence() -> float | None:
@@ -76,7 +78,7 @@ def voice(sid: str):
     stream = answer_with_stream(sid, caller, callee)
     if stream is not None:
         return stream
-    return get_services().conversation.greet(sid, caller, callee)
+    return agent_for_request().conversation.greet(sid, caller, callee)
 
 
 @bp.post(FALLBACK_PATH)
@@ -87,11 +89,11 @@ def stream_ended(sid: str):
     Where call control closed it (a transfer, a hang-up), the stored exit;
     otherwise the call goes on in Gather mode.
     """
-    services = get_services()
-    exit_doc = services.call_control.stream_exit(sid)
+    line = agent_for_request()
+    exit_doc = line.call_control.stream_exit(sid)
     if exit_doc is not None:
         return exit_doc
-    return services.conversation.resume_after_stream(sid)
+    return line.conversation.resume_after_stream(sid)
 
 
 @bp.post("/process-speech")
@@ -105,7 +107,7 @@ def process_speech(sid: str):
         digits=form.get("Digits", "").strip(),
         caller=form.get("From", ""),
     )
-    result = get_services().conversation.take_turn(sid, _turn(), heard, started)
+    result = agent_for_request().conversation.take_turn(sid, _turn(), heard, started)
     metrics.count_turn(result, time.monotonic() - started)
     return result
 
@@ -114,13 +116,14 @@ def process_speech(sid: str):
 @twilio_webhook
 def turn_wait(sid: str):
     """The <Redirect> after a hold line: the held turn's answer, or another hold line."""
-    return get_services().conversation.wait_for_turn(sid, _turn())
+    return agent_for_request().conversation.wait_for_turn(sid, _turn())
 
 
 @bp.post("/voice-fallback")
 @twilio_webhook
 def voice_fallback(sid: str):
     """The number's fallback URL: Twilio calls it when a webhook failed or timed out."""
+    agent_for_request(stored=True)  # its URL is the number's, not ours: it names no agent
     return _apology(sid)
 
 
