@@ -16,7 +16,7 @@ from ivr.config import ConfigError
 from ..conftest import LiveServer
 from ..fakes.openai_server import Reply
 from ..fakes.twilio_media import TwilioMediaClient
-from ..twilio_sim import AUTH_TOKEN, TwilioCall, new_sid, spoken
+from ..twilio_sim import AUTH_TOKEN, TwilioCall, new_sid
 from ..waiting import wait_for
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "agents.md"
