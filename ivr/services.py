@@ -16,7 +16,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 from twilio.rest import Client as TwilioClient
 
-from .agent.agents import Agent, Agents, load_agents
+from .agent.agents import Agent, Agents, give_tools, load_agents
 from .agent.llm import Responder
 from .agent.prompts import Prompts
 from .agent.tools import load_modules
@@ -134,7 +134,8 @@ def build_redis(url: str, cluster: bool = False) -> redis.Redis | ClusterClient:
 
 def build_services(settings: Settings, prompts: Prompts, agents: Agents | None = None) -> Services:
     if agents is None:
-        agents = load_agents(settings, prompts, tool_registry)
+        agents = load_agents(settings, prompts)
+    give_tools(agents, tool_registry)
     for agent in agents:
         load_modules(agent.settings.tools_modules)
     redis_client = build_redis(settings.redis_url, settings.redis_cluster)

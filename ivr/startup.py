@@ -10,7 +10,6 @@ from collections.abc import Mapping
 
 from .agent.agents import Agents, load_agents
 from .agent.prompts import REQUIRED, Prompts
-from .agent.tools import registry as tool_registry
 from .config import ConfigError, Settings, load_settings
 
 
@@ -34,4 +33,4 @@ def load_deployment(
                 for name in missing
             ]
         )
-    return settings, prompts, load_agents(settings, prompts, tool_registry)
+    return settings, prompts, load_agents(settings, prompts)

@@ -15,12 +15,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from ..config import E164, ConfigError, Settings, per_call_settings
 from .prompts import REQUIRED, PromptError, Prompts
-from .tools import ToolRegistry
+
+if TYPE_CHECKING:  # gunicorn.conf.py runs the checks without the app's heavy imports
+    from .tools import ToolRegistry
 
 # The agent for every number no agent claims; its name is never a folder's.
 DEFAULT = "default"
@@ -50,7 +53,7 @@ class Agent:
     name: str
     settings: Settings
     prompts: Prompts
-    tools: ToolRegistry
+    tools: ToolRegistry | None  # set by give_tools(), in the app's factory
     numbers: tuple[str, ...] = ()
     folder: Path | None = None  # None for the default agent
 
@@ -87,7 +90,7 @@ def _modules(names: str) -> set[str]:
     return {n.strip() for n in names.split(",") if n.strip()}
 
 
-def load_agents(settings: Settings, prompts: Prompts, tools: ToolRegistry) -> Agents:
+def load_agents(settings: Settings, prompts: Prompts) -> Agents:
     """Every agent under AGENTS_DIR, or ConfigError with one sentence per problem."""
     root = settings.agents_dir
     folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
@@ -96,7 +99,7 @@ def load_agents(settings: Settings, prompts: Prompts, tools: ToolRegistry) -> Ag
     by_number: dict[str, Agent] = {}
     for folder in folders:
         try:
-            agent = _load_one(folder, settings, prompts, tools)
+            agent = _load_one(folder, settings, prompts)
         except ConfigError as exc:
             problems += exc.problems
             continue
@@ -112,16 +115,18 @@ def load_agents(settings: Settings, prompts: Prompts, tools: ToolRegistry) -> Ag
         named[agent.name] = agent
     if problems:
         raise ConfigError(problems)
-    default = Agent(DEFAULT, settings, prompts, tools)
-    agents = Agents(default, named, by_number)
-    # An agent's tool modules are its own: every other agent hides their tools.
+    return Agents(Agent(DEFAULT, settings, prompts, None), named, by_number)
+
+
+def give_tools(agents: Agents, tools: ToolRegistry) -> None:
+    """Each agent's view of the tool registry: an agent's tool modules are its own,
+    so every other agent hides their tools."""
     everyone = set().union(*(a.modules for a in agents))
     for agent in agents:
         agent.tools = tools.hiding(everyone - agent.modules)
-    return agents
 
 
-def _load_one(folder: Path, base: Settings, prompts: Prompts, tools: ToolRegistry) -> Agent:
+def _load_one(folder: Path, base: Settings, prompts: Prompts) -> Agent:
     path = folder / "agent.yaml"
     if not NAME.fullmatch(folder.name) or folder.name == DEFAULT:
         raise ConfigError(
@@ -167,7 +172,7 @@ def _load_one(folder: Path, base: Settings, prompts: Prompts, tools: ToolRegistr
     problems += _prompt_problems(own, folder)
     if problems:
         raise ConfigError(problems)
-    return Agent(folder.name, settings, own, tools, tuple(numbers), folder)
+    return Agent(folder.name, settings, own, None, tuple(numbers), folder)
 
 
 def _prompt_problems(prompts: LayeredPrompts, folder: Path) -> list[str]:
