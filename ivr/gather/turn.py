@@ -82,7 +82,7 @@ class Conversation:
             )
         )
         if first:
-            metrics.CALLS.labels(mode).inc()
+            metrics.CALLS.labels(mode, self.agent).inc()
             self._safely(
                 sid,
                 "index call",

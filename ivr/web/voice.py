@@ -107,8 +107,9 @@ def process_speech(sid: str):
         digits=form.get("Digits", "").strip(),
         caller=form.get("From", ""),
     )
-    result = agent_for_request().conversation.take_turn(sid, _turn(), heard, started)
-    metrics.count_turn(result, time.monotonic() - started)
+    line = agent_for_request()
+    result = line.conversation.take_turn(sid, _turn(), heard, started)
+    metrics.count_turn(result, time.monotonic() - started, line.name)
     return result
 
 

@@ -378,3 +378,79 @@ def test_an_agents_tools_are_its_own(deployment, fake_openai, tmp_path, monkeypa
     assert "quote_price" in offered(SALES)
     assert "quote_price" not in offered(SOPORTE)
     assert "end_call" in offered(SOPORTE)
+
+
+# -- the report and metrics -------------------------------------------------------------------
+
+
+def test_the_report_and_metrics_carry_the_agent(deployment, fake_openai):
+    from prometheus_client import REGISTRY
+
+    from ..fakes.webhook_receiver import WebhookReceiver
+    from ..store.test_report import SECRET
+
+    def calls(agent):
+        labels = {"mode": "gather", "agent": agent}
+        return REGISTRY.get_sample_value("ivr_calls_total", labels) or 0.0
+
+    def turns(agent):
+        labels = {"outcome": "answer", "agent": agent}
+        return REGISTRY.get_sample_value("ivr_turns_total", labels) or 0.0
+
+    receiver = WebhookReceiver().start()
+    app = create_app(
+        {
+            **deployment,
+            "END_OF_CALL_WEBHOOK_URL": receiver.url,
+            "END_OF_CALL_WEBHOOK_SECRET": SECRET,
+        }
+    )
+    try:
+        before = calls("soporte"), turns("soporte"), calls("default")
+        spanish = TwilioCall(app.test_client(), callee=SOPORTE)
+        spanish.start()
+        spanish.say("hola")
+        spanish.hang_up()
+        assert (calls("soporte"), turns("soporte"), calls("default")) == (
+            before[0] + 1,
+            before[1] + 1,
+            before[2],
+        )
+        other = TwilioCall(app.test_client(), callee=OTHER)
+        other.start()
+        other.hang_up()
+        assert wait_for(lambda: len(receiver.reports()) == 2)
+        agents = {r["call_sid"]: r["agent"] for r in receiver.reports()}
+        assert agents == {spanish.sid: "soporte", other.sid: "default"}
+    finally:
+        app.extensions["ivr"].conversation.reports.close()
+        receiver.stop()
+
+
+# -- ivr check ----------------------------------------------------------------------------------
+
+
+def test_check_lists_the_agents_and_their_numbers(deployment, monkeypatch, capsys, fake_openai):
+    from ivr.cli.commands import main
+
+    for name, value in deployment.items():
+        monkeypatch.setenv(name, value)
+    assert main(["check"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(
+        r"^ok\s+agents: sales \(\+15550100001\); soporte \(\+34910000001, \+34910000002\); "
+        r"every other number: the default",
+        out,
+        re.M,
+    ), out
+
+
+def test_check_fails_on_a_broken_agent(deployment, monkeypatch, capsys):
+    from ivr.cli.commands import main
+
+    path = write_yaml(deployment, "sales", 'numbers: ["+1"]\n')
+    for name, value in deployment.items():
+        monkeypatch.setenv(name, value)
+    assert main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert re.search(rf"^FAILED\s+configuration: {re.escape(str(path))}: '\+1' is not", out, re.M)
