@@ -12,7 +12,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from .config import ConfigError
 from .services import build_services
-from .startup import load_checked
+from .startup import load_deployment
 
 # The one place the version is written: pyproject.toml reads it (dynamic version), and
 # `ivr --version` prints it whether or not the package was installed.
@@ -25,7 +25,7 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
     """Build the app; `config` holds environment-style names applied last (tests)."""
     _configure_logging()
     try:
-        settings, prompts = load_checked(config)
+        settings, prompts, agents = load_deployment(config)
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("configuration: %s", problem)
@@ -45,7 +45,7 @@ def create_app(config: Mapping[str, object] | None = None) -> Flask:
     app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
         app.wsgi_app, x_for=1, x_proto=1, x_host=0 if settings.public_base_url else 1
     )
-    services = app.extensions["ivr"] = build_services(settings, prompts)
+    services = app.extensions["ivr"] = build_services(settings, prompts, agents)
     # An app is full of reference cycles, so only the cyclic garbage collector
     # frees it, finalising its objects in no set order: a socket finalised before
     # its Redis connection is reported unclosed. Close the clients first.

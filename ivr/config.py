@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -25,6 +26,8 @@ MAX_LLM_DEADLINE = 12.0
 # Relative to the working directory: the app's root, where the platform runs the
 # Procfile and `heroku run`, whether or not the package is installed editable.
 DEFAULT_PROMPTS_DIR = Path("prompts")
+# One folder per agent (ivr/agent/agents.py); a missing folder means no agents.
+DEFAULT_AGENTS_DIR = Path("agents")
 
 # The call log's password faces the internet with only a per-client limit on
 # guesses (web/access.py): a short one falls to a patient guesser.
@@ -124,6 +127,7 @@ class Settings:
     end_of_call_webhook_secret: str = env("END_OF_CALL_WEBHOOK_SECRET", "")
     end_of_call_retry_seconds: float = env("END_OF_CALL_RETRY_SECONDS", 2.0, above=0)
     prompts_dir: Path = env("PROMPTS_DIR", DEFAULT_PROMPTS_DIR)
+    agents_dir: Path = env("AGENTS_DIR", DEFAULT_AGENTS_DIR)
     # The call log pages and /metrics; unset password = those routes do not exist.
     admin_password: str = env("ADMIN_PASSWORD", "")
     admin_user: str = env("ADMIN_USER", "admin")
@@ -157,6 +161,43 @@ class Settings:
 # Every setting, by its environment variable, in the order they are documented.
 _FIELDS = {f.metadata["env"]: f for f in fields(Settings)}
 ENV_NAMES = list(_FIELDS)
+
+# The settings an agent's agent.yaml may change: those read afresh for each call
+# (what it says and how, its models, tools, transfers and limits). The rest
+# belong to the deployment: its clients, stores, secrets and the relay's wiring.
+PER_CALL = frozenset(
+    {
+        "OPENAI_MODEL",
+        "OPENAI_REALTIME_MODEL",
+        "LLM_DEADLINE_SECONDS",
+        "LLM_ATTEMPT_TIMEOUT_SECONDS",
+        "LLM_MAX_TOKENS",
+        "CONFIDENCE_THRESHOLD",
+        "REPROMPT_LIMIT",
+        "MAX_REPLY_CHARS",
+        "TTS_VOICE",
+        "SPEECH_LANGUAGE",
+        "SPEECH_MODEL",
+        "SPEECH_TIMEOUT",
+        "SPEECH_HINTS",
+        "STREAMING_ENABLED",
+        "REALTIME_VOICE",
+        "REALTIME_TURN_DETECTION",
+        "REALTIME_TRANSCRIPTION_MODEL",
+        "STREAM_IDLE_SECONDS",
+        "TOOLS_MODULES",
+        "TOOL_TIMEOUT_SECONDS",
+        "TRANSFER_NUMBER",
+        "TRANSFER_CALLER_ID",
+        "DTMF_TRANSFER_KEY",
+        "DTMF_REPEAT_KEY",
+        "MAX_CALL_SECONDS",
+        "MAX_TURNS",
+        "HOLD_AFTER_SECONDS",
+        "TURN_MAX_SECONDS",
+    }
+)
+assert PER_CALL <= set(ENV_NAMES)
 
 
 # E.164: +, then up to 15 digits, the first (the country code's) never 0; the
@@ -230,6 +271,15 @@ def load_settings(
     source: dict[str, object] = dict(os.environ if environ is None else environ)
     source.update(overrides or {})
     problems: list[str] = []
+    settings = Settings(**_values(source, problems))
+    problems += _check(settings)
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _values(source: Mapping[str, object], problems: list[str]) -> dict[str, object]:
+    """Field values for the settings `source` names; a problem's sentence goes in `problems`."""
     values: dict[str, object] = {}
     for name, setting in _FIELDS.items():
         raw = source.get(name)
@@ -244,10 +294,33 @@ def load_settings(
                 problems.append(problem)
                 continue
         values[setting.name] = raw
-    settings = Settings(**values)
-    problems += _check(settings)
+    return values
+
+
+def per_call_settings(base: Settings, changes: Mapping[str, object], where: str) -> Settings:
+    """`base` with an agent's `changes` (environment names) applied, parsed and checked
+    as the environment is; each problem is one sentence starting with `where` (its file).
+    """
+    problems: list[str] = []
+    source: dict[str, object] = {}
+    for name, value in changes.items():
+        if name not in _FIELDS:
+            problems.append(f"{name} is not a setting.")
+        elif name not in PER_CALL:
+            problems.append(
+                f"{name} applies to the whole deployment, not to one agent's calls: "
+                f"set it in the environment."
+            )
+        elif value is None or isinstance(value, dict | list):
+            problems.append(f"{name} must be one value, not {value!r}.")
+        else:
+            # YAML gives true, 3 and 0.5 typed: read them as the environment's text.
+            source[name] = str(value).lower() if isinstance(value, bool) else str(value)
+    settings = dataclasses.replace(base, **_values(source, problems))
+    if not problems:
+        problems += _check(settings)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError([f"{where}: {problem}" for problem in problems])
     return settings
 
 

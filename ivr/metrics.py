@@ -26,11 +26,14 @@ from prometheus_client import (
     multiprocess,
 )
 
-CALLS = Counter("ivr_calls", "Calls answered, by the mode they started in.", ["mode"])
+# `agent` is an agent's name (ivr/agent/agents.py): a fixed set, never a phone number.
+CALLS = Counter(
+    "ivr_calls", "Calls answered, by the mode they started in and agent.", ["mode", "agent"]
+)
 TURNS = Counter(
     "ivr_turns",
-    "Gather-mode turns, by outcome (answer, reprompt, error, transfer, end, goodbye).",
-    ["outcome"],
+    "Gather-mode turns, by outcome (answer, reprompt, error, transfer, end, goodbye) and agent.",
+    ["outcome", "agent"],
 )
 TURN_SECONDS = Histogram(
     "ivr_turn_seconds",
@@ -66,9 +69,9 @@ OUTBOUND_CALLS = Counter(
 TURN_OUTCOMES = ("answer", "reprompt", "error", "transfer", "end", "goodbye")
 
 
-def count_turn(result: dict, seconds: float) -> None:
+def count_turn(result: dict, seconds: float, agent: str = "default") -> None:
     kind = result.get("kind", "")
-    TURNS.labels(kind if kind in TURN_OUTCOMES else "other").inc()
+    TURNS.labels(kind if kind in TURN_OUTCOMES else "other", agent).inc()
     TURN_SECONDS.observe(seconds)
 
 

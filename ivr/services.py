@@ -15,6 +15,7 @@ from flask import current_app
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from .agent.agents import Agent, Agents, give_tools, load_agents
 from .agent.llm import Responder
 from .agent.prompts import Prompts
 from .agent.tools import load_modules
@@ -34,6 +35,27 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class AgentServices:
+    """One agent's conversation objects, built once at start over the shared clients."""
+
+    agent: Agent
+    conversation: Conversation
+    call_control: CallControl
+
+    @property
+    def name(self) -> str:
+        return self.agent.name
+
+    @property
+    def settings(self) -> Settings:
+        return self.agent.settings
+
+    @property
+    def prompts(self) -> Prompts:
+        return self.agent.prompts
+
+
+@dataclass
 class Services:
     settings: Settings
     prompts: Prompts
@@ -45,17 +67,30 @@ class Services:
     breaker: StreamBreaker
     call_control: CallControl
     outbound: OutboundQueue
+    agents: Agents | None = None
+    lines: dict[str, AgentServices] | None = None  # agent name -> its objects
+
+    def agent(self, name: str | None) -> AgentServices:
+        """The agent called `name` (the default for none, or a name not deployed)."""
+        assert self.lines is not None
+        return self.lines.get(name or "") or self.lines[self.agents.default.name]
+
+    def for_number(self, number: str) -> AgentServices:
+        """The agent answering calls to `number`."""
+        return self.agent(self.agents.for_number(number).name)
 
     def close(self) -> None:
         """Close the clients' connections (an app being discarded, a CLI command done)."""
         # Held turns use Redis to the end: a connection opened after close() would leak.
-        self.conversation.hold.close()
+        for line in (self.lines or {}).values():
+            line.conversation.hold.close()
         # The report sender would otherwise poll a closed client for as long as
         # the process lives; a report it leaves is still queued in Redis.
         if self.conversation.reports is not None:
             self.conversation.reports.stop()
         # What callers heard but Redis has not taken yet: a last few tries.
-        self.conversation.backlog.close(timeout=BACKLOG_CLOSE_SECONDS)
+        for line in (self.lines or {}).values():
+            line.conversation.backlog.close(timeout=BACKLOG_CLOSE_SECONDS)
         self.outbound.stop()  # a call it leaves is still queued, and due again after its lease
         self.redis.close()
         self.openai.close()
@@ -115,8 +150,12 @@ def build_redis(url: str, cluster: bool = False) -> redis.Redis | ClusterClient:
     return redis.Redis.from_url(url, max_connections=MAX_REDIS_CONNECTIONS, **options)
 
 
-def build_services(settings: Settings, prompts: Prompts) -> Services:
-    load_modules(settings.tools_modules)
+def build_services(settings: Settings, prompts: Prompts, agents: Agents | None = None) -> Services:
+    if agents is None:
+        agents = load_agents(settings, prompts)
+    give_tools(agents, tool_registry)
+    for agent in agents:
+        load_modules(agent.settings.tools_modules)
     redis_client = build_redis(settings.redis_url, settings.redis_cluster)
     openai_client = openai.OpenAI(
         api_key=settings.openai_api_key,
@@ -124,7 +163,7 @@ def build_services(settings: Settings, prompts: Prompts) -> Services:
         max_retries=0,  # tenacity retries, within the turn's deadline (llm.py)
         timeout=settings.llm_attempt_timeout,
     )
-    if settings.streaming_enabled:
+    if any(agent.settings.streaming_enabled for agent in agents):
         # The SDK imports its realtime modules on first use; do it now, not
         # while the first caller waits for the stream to connect.
         openai_client.realtime  # noqa: B018
@@ -135,12 +174,6 @@ def build_services(settings: Settings, prompts: Prompts) -> Services:
         history_max=settings.history_max_messages,
         ttl=settings.call_ttl,
         retention=settings.transcript_retention,
-    )
-    responder = Responder(
-        openai_client,
-        model=settings.openai_model,
-        attempt_timeout=settings.llm_attempt_timeout,
-        max_tokens=settings.llm_max_tokens,
     )
     reports = None
     if settings.end_of_call_webhook_url:
@@ -158,13 +191,13 @@ def build_services(settings: Settings, prompts: Prompts) -> Services:
         settings.twilio_account_sid, settings.twilio_auth_token, settings.twilio_api_base_url
     )
     outbound = build_outbound(settings, store, twilio_rest)
-    call_control = CallControl(
-        settings=settings,
-        prompts=prompts,
-        tools=tool_registry,
-        store=store,
-        twilio_rest=twilio_rest,
-    )
+    leases = Leases(redis_client)
+    # Each agent's objects are built here, once: a request only picks its agent's.
+    lines = {
+        agent.name: _agent_services(agent, openai_client, store, leases, reports, twilio_rest)
+        for agent in agents
+    }
+    default = lines[agents.default.name]
     return Services(
         outbound=outbound,
         settings=settings,
@@ -172,22 +205,16 @@ def build_services(settings: Settings, prompts: Prompts) -> Services:
         redis=redis_client,
         openai=openai_client,
         store=store,
-        responder=responder,
-        conversation=Conversation(
-            store,
-            responder,
-            prompts,
-            settings,
-            tool_registry,
-            leases=Leases(redis_client),
-            reports=reports,
-        ),
-        call_control=call_control,
+        responder=default.conversation.responder,
+        conversation=default.conversation,
+        call_control=default.call_control,
         breaker=StreamBreaker(
             redis_client,
             threshold=settings.stream_breaker_threshold,
             cooldown=settings.stream_breaker_cooldown,
         ),
+        agents=agents,
+        lines=lines,
     )
 
 
@@ -211,9 +238,14 @@ def build_outbound(settings: Settings, store: CallStore, twilio_rest) -> Outboun
     """The outbound queue, with a dialer when calls can be placed (create_app starts it)."""
     can_dial = twilio_rest is not None and not outbound_missing(settings)
 
-    def place(to: str, from_: str, call_id: str):
+    def place(to: str, from_: str, call_id: str, agent: str = ""):
         return rest.place_call(
-            twilio_rest, to=to, from_=from_, base_url=settings.public_base_url, marker=call_id
+            twilio_rest,
+            to=to,
+            from_=from_,
+            base_url=settings.public_base_url,
+            marker=call_id,
+            agent=agent,
         )
 
     def find(to: str, from_: str, since: float) -> list[str]:
@@ -229,3 +261,31 @@ def build_outbound(settings: Settings, store: CallStore, twilio_rest) -> Outboun
         find=find if can_dial else None,
     )
     return queue
+
+
+def _agent_services(agent: Agent, openai_client, store, leases, reports, twilio_rest):
+    settings = agent.settings
+    responder = Responder(
+        openai_client,
+        model=settings.openai_model,
+        attempt_timeout=settings.llm_attempt_timeout,
+        max_tokens=settings.llm_max_tokens,
+    )
+    conversation = Conversation(
+        store,
+        responder,
+        agent.prompts,
+        settings,
+        agent.tools,
+        leases=leases,
+        reports=reports,
+        agent=agent.name,
+    )
+    call_control = CallControl(
+        settings=settings,
+        prompts=agent.prompts,
+        tools=agent.tools,
+        store=store,
+        twilio_rest=twilio_rest,
+    )
+    return AgentServices(agent, conversation, call_control)

@@ -66,11 +66,11 @@ def test_turns_llm_attempts_and_tools_are_counted(web, fake_openai):
     def delta(name, **labels):
         return value(after, name, **labels) - value(before, name, **labels)
 
-    assert delta("ivr_calls_total", mode="gather") == 1
-    assert delta("ivr_turns_total", outcome="answer") == 1
-    assert delta("ivr_turns_total", outcome="reprompt") == 1
-    assert delta("ivr_turns_total", outcome="error") == 1
-    assert delta("ivr_turns_total", outcome="end") == 1
+    assert delta("ivr_calls_total", mode="gather", agent="default") == 1
+    assert delta("ivr_turns_total", outcome="answer", agent="default") == 1
+    assert delta("ivr_turns_total", outcome="reprompt", agent="default") == 1
+    assert delta("ivr_turns_total", outcome="error", agent="default") == 1
+    assert delta("ivr_turns_total", outcome="end", agent="default") == 1
     assert delta("ivr_turn_seconds_count") == 4
     assert delta("ivr_llm_attempts_total", result="ok") == 2
     assert delta("ivr_llm_attempts_total", result="retryable") == 1
@@ -134,8 +134,8 @@ def test_two_gunicorn_workers_report_one_sum(config, fake_openai, tmp_path):
         assert len(pids) == 2  # both workers counted something
         for _ in range(4):
             body = requests.get(base + "/metrics", headers=AUTH, timeout=10).text
-            assert value(body, "ivr_turns_total", outcome="answer") == calls
-            assert value(body, "ivr_calls_total", mode="gather") == calls
+            assert value(body, "ivr_turns_total", outcome="answer", agent="default") == calls
+            assert value(body, "ivr_calls_total", mode="gather", agent="default") == calls
     finally:
         proc.terminate()
         proc.wait(timeout=20)

@@ -86,11 +86,27 @@ class Tool:
     parameters: dict
     handler: Callable[..., object]
     enabled: Callable[[Settings], bool] = field(default=lambda settings: True)
+    module: str = ""  # the module that registered it: agents offer their own modules' tools
 
 
 class ToolRegistry:
     def __init__(self):
         self._tools: dict[str, Tool] = {}
+        self._hidden: frozenset[str] = frozenset()
+
+    def hiding(self, modules) -> ToolRegistry:
+        """The same tools, less those registered by `modules` (other agents' TOOLS_MODULES).
+
+        A view, not a copy: a tool registered later is offered by every view
+        whose agent does not hide its module.
+        """
+        view = ToolRegistry.__new__(ToolRegistry)
+        view._tools = self._tools
+        view._hidden = frozenset(modules)
+        return view
+
+    def _visible(self, tool: Tool | None) -> bool:
+        return tool is not None and tool.module not in self._hidden
 
     def register(
         self,
@@ -108,13 +124,14 @@ class ToolRegistry:
                 parameters or {"type": "object", "properties": {}},
                 handler,
                 enabled or (lambda settings: True),
+                getattr(handler, "__module__", "") or "",
             )
             return handler
 
         return decorator
 
     def offered(self, settings: Settings) -> list[Tool]:
-        return [t for t in self._tools.values() if t.enabled(settings)]
+        return [t for t in self._tools.values() if self._visible(t) and t.enabled(settings)]
 
     def chat_tools(self, settings: Settings) -> list[dict]:
         """The Chat Completions `tools` parameter."""
@@ -152,13 +169,15 @@ class ToolRegistry:
         output = self._run(name, arguments, call, timeout)
         # Names the model made up are counted under one label: labels stay a fixed set.
         calllog.note_tool(
-            name if name in self._tools else "unknown", time.monotonic() - began, output
+            name if self._visible(self._tools.get(name)) else "unknown",
+            time.monotonic() - began,
+            output,
         )
         return output
 
     def _run(self, name: str, arguments: str, call: ToolCall, timeout: float | None) -> str:
         tool = self._tools.get(name)
-        if tool is None or not tool.enabled(call.settings):
+        if not self._visible(tool) or not tool.enabled(call.settings):
             return json.dumps({"error": f"no tool named {name}"})
         try:
             kwargs = json.loads(arguments or "{}")

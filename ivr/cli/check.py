@@ -45,6 +45,8 @@ def run_checks(environ: Mapping[str, str] | None = None) -> Iterator[Check]:
     try:
         yield Check("configuration", True, _mode(settings))
         yield _prompts(settings, prompts)
+        if len(services.agents) > 1:
+            yield _agents(services)
         yield _redis(services)
         yield _llm(services)
         if settings.redis_cluster:
@@ -80,6 +82,20 @@ def _mode(settings: Settings) -> str:
         else "SIGNATURES NOT CHECKED (VALIDATE_TWILIO_SIGNATURE=false)"
     )
     return f"{mode}, {signed}"
+
+
+def _agents(services: Services) -> Check:
+    """Which agent answers which numbers (AGENTS_DIR); build_services already checked them."""
+    named = [
+        f"{agent.name} ({', '.join(agent.numbers) or 'no numbers'})"
+        for agent in services.agents
+        if agent is not services.agents.default
+    ]
+    return Check(
+        "agents",
+        True,
+        f"{'; '.join(named)}; every other number: the default ({services.settings.prompts_dir})",
+    )
 
 
 def _prompts(settings: Settings, prompts: Prompts) -> Check:

@@ -61,7 +61,9 @@ class Conversation:
         tools: ToolRegistry,
         leases: Leases,
         reports=None,
+        agent: str = "default",
     ):
+        self.agent = agent  # the agent's name (ivr/agent/agents.py), stored with each call
         self.store = store
         self.responder = responder
         self.prompts = prompts
@@ -88,12 +90,12 @@ class Conversation:
                 sid,
                 "start",
                 lambda: self.store.start(
-                    sid, caller=caller, callee=callee, mode=mode, details=details
+                    sid, caller=caller, callee=callee, mode=mode, details=details, agent=self.agent
                 ),
             )
         )
         if first:
-            metrics.CALLS.labels(mode).inc()
+            metrics.CALLS.labels(mode, self.agent).inc()
             self._safely(
                 sid,
                 "index call",
@@ -401,11 +403,12 @@ class Conversation:
             return default
 
 
-def render_result(result: dict, settings: Settings):
+def render_result(result: dict, settings: Settings, agent: str = ""):
+    """The TwiML for a turn's result; `agent` names a non-default agent in its URLs."""
     if result["kind"] in ("goodbye", "end"):
         return twiml.goodbye(result["text"], settings)
     if result["kind"] == "transfer":
         return twiml.transfer(result["text"], result["number"], settings)
     if result["kind"] == "hold":
-        return twiml.hold(result["text"], result["next"], result["wait"], settings)
-    return twiml.gather_turn(result["text"], result.get("next"), settings)
+        return twiml.hold(result["text"], result["next"], result["wait"], settings, agent=agent)
+    return twiml.gather_turn(result["text"], result.get("next"), settings, agent=agent)

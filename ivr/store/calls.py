@@ -3,7 +3,7 @@
 Keys for one call share the `{CallSid}` hash tag, so a Redis Cluster keeps the
 whole call on one shard and MULTI transactions over them are allowed:
 
-    ivr:{CA…}:meta        hash: from, to, started, ended, status, turns, reprompts,
+    ivr:{CA…}:meta        hash: from, to, agent, started, ended, status, turns, reprompts,
                           and for an outbound call direction, variables (JSON),
                           outbound_id, answered_by
     ivr:{CA…}:transcript  list of JSON entries {role, content, ts, mode}
@@ -110,6 +110,7 @@ class CallStore:
         callee: str = "",
         mode: str = "gather",
         details: dict[str, str] | None = None,
+        agent: str = "default",
     ) -> bool:
         """Record a call's arrival; True the first time, False for a repeated /voice.
 
@@ -130,6 +131,9 @@ class CallStore:
                 pipe.hsetnx(meta, "mode", mode)
             for name, value in (details or {}).items():
                 pipe.hsetnx(meta, name, value)
+            # Which agent (ivr/agent/agents.py) the call has, for webhooks whose
+            # URL does not name it, the call log and the report.
+            pipe.hsetnx(meta, "agent", agent)
             self._expire_all(pipe, sid, self.ttl)
             pipe.hget(meta, "started")
             replies = pipe.execute()

@@ -156,7 +156,7 @@ def _text(value) -> str:
 class OutboundQueue:
     """The queue of outbound calls and this process's dialer.
 
-    `place(to, from_, call_id)` asks Twilio for the call and returns a
+    `place(to, from_, call_id, agent)` asks Twilio for the call and returns a
     telephony.rest.Placement; `find(to, from_, since)` lists CallSids Twilio
     already has for it (the wiring binds both to the REST client).
     """
@@ -343,7 +343,7 @@ class OutboundQueue:
                 return
         attempt = int(self.redis.hincrby(key, "attempts", 1))
         self.redis.hset(key, mapping={"status": "dialling", "dialling_since": f"{time.time():.3f}"})
-        placement = self.place(to, self.caller_id, call_id)
+        placement = self.place(to, self.caller_id, call_id, raw.get("agent", ""))
         if placement.outcome == "placed":
             self._placed(call_id, placement.call_sid)
             return

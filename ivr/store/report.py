@@ -67,6 +67,7 @@ def build_report(store: CallStore, sid: str) -> dict | None:
         "call_sid": sid,
         "from": meta.get("from", ""),
         "to": meta.get("to", ""),
+        "agent": meta.get("agent", "default"),
         "started_at": _iso(started),
         "ended_at": _iso(ended),
         "duration_seconds": round(ended - started, 3) if started else None,

@@ -13,23 +13,26 @@ from .relay import RelayConfig
 from .sockets import HandOverConnection, RealtimeSocket
 
 
-def relay_config(services) -> RelayConfig:
-    settings, prompts = services.settings, services.prompts
+def relay_config(services, line=None) -> RelayConfig:
+    """The session for the default agent's calls, or for `line`'s (an agent's objects)."""
+    line = line or services
+    settings, prompts = line.settings, line.prompts
     return RelayConfig(
+        model=settings.openai_realtime_model,
         instructions=prompts.line("system"),
         greeting=prompts.line("greeting"),
         voice=settings.realtime_voice,
         turn_detection=settings.realtime_turn_detection,
         transcription_model=settings.realtime_transcription_model,
         connect_timeout=settings.stream_connect_timeout,
-        tools=services.call_control.realtime_tools(),
+        tools=line.call_control.realtime_tools(),
     )
 
 
-def open_realtime(services):
+def open_realtime(services, model: str = ""):
     """A live realtime connection (GA protocol), or an exception within the budget."""
     manager = services.openai.realtime.connect(
-        model=services.settings.openai_realtime_model,
+        model=model or services.settings.openai_realtime_model,
         # No compression: base64 audio gains little, and every frame would pay for it.
         websocket_connection_options={
             "open_timeout": services.settings.stream_connect_timeout,

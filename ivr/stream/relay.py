@@ -60,6 +60,7 @@ class ModelUnavailable(Exception):
 
 @dataclass
 class RelayConfig:
+    model: str = ""  # the realtime model; blank: OPENAI_REALTIME_MODEL
     instructions: str = ""
     greeting: str = ""
     voice: str = "marin"
@@ -82,6 +83,7 @@ class Relay(TwilioSide, ModelEvents):
         on_success: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
         control=None,
+        per_call: Callable[[dict], tuple[RelayConfig, object]] | None = None,
     ):
         self.twilio = twilio
         self.open_model = open_model
@@ -92,6 +94,9 @@ class Relay(TwilioSide, ModelEvents):
         self.on_success = on_success
         self.clock = clock
         self.control = control
+        # (session, call control) for the call's `start` parameters: its agent's.
+        self.per_call = per_call
+        self._start_seen = threading.Event()
 
         self.model = None
         self.call_sid = ""
@@ -204,6 +209,7 @@ class Relay(TwilioSide, ModelEvents):
         self.call_sid, self.custom = call_sid, parameters
         self.writer.call_sid = call_sid
         self._started_at = self.clock()
+        self._start_seen.set()  # the call's agent (per_call) is known from here
         threading.Thread(target=self._claim_then_load, daemon=True, name="admission").start()
 
     def _claim_then_load(self) -> None:
@@ -243,6 +249,17 @@ class Relay(TwilioSide, ModelEvents):
     # -- model connection -------------------------------------------------------------
 
     def _connect_model(self) -> None:
+        if self.per_call is not None:
+            # Which session to open depends on `start`; the caller's loop gives up
+            # (no-start, or connect timed out) if it never comes.
+            limit = self.config.connect_timeout + NO_START_GRACE
+            if not self._start_seen.wait(limit) or self._stopping:
+                return
+            try:
+                self.config, self.control = self.per_call(self.custom)
+            except Exception as exc:  # a bug: the call goes on in Gather mode
+                self._model_failed = f"session not chosen: {exc!r}"
+                return
         try:
             model = self.open_model()
         except Exception as exc:  # refused, timed out, bad credentials: all mean fall back

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import requests
 from twilio.base.exceptions import TwilioRestException
@@ -66,20 +66,24 @@ class Placement:
     message: str = ""
 
 
-def place_call(client: Client, *, to: str, from_: str, base_url: str, marker: str) -> Placement:
+def place_call(
+    client: Client, *, to: str, from_: str, base_url: str, marker: str, agent: str = ""
+) -> Placement:
     """Ask Twilio to place a call whose webhooks come back to `base_url`.
 
     `marker` (the queued call's id) rides in the webhook URLs' query, so every
     webhook of the call says which queued call it is, even one placed by a
-    dialer that died before it could record the CallSid.
+    dialer that died before it could record the CallSid. `agent` (the queued call's)
+    rides there too, on the /voice URL, where the call's agent is chosen.
     """
     base = base_url.rstrip("/")
     query = f"?outbound={marker}"
+    voice_query = query + (f"&agent={quote(agent)}" if agent else "")
     try:
         call = client.calls.create(
             to=to,
             from_=from_,
-            url=f"{base}/voice{query}",
+            url=f"{base}/voice{voice_query}",
             status_callback=f"{base}/call-status{query}",
             machine_detection="DetectMessageEnd",
             async_amd="true",

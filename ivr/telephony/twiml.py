@@ -32,8 +32,16 @@ def _safe(builder):
 HOLD_LISTEN_SECONDS = 1
 
 
-def turn_url(turn: int | None) -> str:
-    return f"/process-speech?turn={turn}" if turn else "/process-speech"
+def with_agent(url: str, agent: str) -> str:
+    """`url` naming a non-default agent, so the next webhook knows the call's agent
+    without reading Redis; Twilio signs the whole URL, so no caller can change it."""
+    if not agent:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}agent={agent}"
+
+
+def turn_url(turn: int | None, agent: str = "") -> str:
+    return with_agent(f"/process-speech?turn={turn}" if turn else "/process-speech", agent)
 
 
 def _say(parent, text: str, settings: Settings) -> None:
@@ -44,7 +52,9 @@ def _say(parent, text: str, settings: Settings) -> None:
 
 
 @_safe
-def gather_turn(text: str, next_turn: int | None, settings: Settings) -> VoiceResponse:
+def gather_turn(
+    text: str, next_turn: int | None, settings: Settings, agent: str = ""
+) -> VoiceResponse:
     """Say `text` inside a speech Gather, so the caller can interrupt it.
 
     actionOnEmptyResult makes silence reach /process-speech too; the Redirect
@@ -52,19 +62,19 @@ def gather_turn(text: str, next_turn: int | None, settings: Settings) -> VoiceRe
     posting, and lands on the same silence handling.
     """
     response = VoiceResponse()
-    gather = _listen(next_turn, settings, action_on_empty_result=True)
+    gather = _listen(next_turn, settings, agent, action_on_empty_result=True)
     _say(gather, text, settings)
     response.append(gather)
-    response.redirect(turn_url(next_turn), method="POST")
+    response.redirect(turn_url(next_turn, agent), method="POST")
     return response
 
 
-def _listen(next_turn: int | None, settings: Settings, **extra) -> Gather:
+def _listen(next_turn: int | None, settings: Settings, agent: str = "", **extra) -> Gather:
     return Gather(
         # Keys as well as speech; one key is enough (0 for a human, * to repeat).
         input="dtmf speech",
         num_digits=1,
-        action=turn_url(next_turn),
+        action=turn_url(next_turn, agent),
         method="POST",
         speech_timeout=settings.gather_speech_timeout,
         barge_in=True,
@@ -75,12 +85,14 @@ def _listen(next_turn: int | None, settings: Settings, **extra) -> Gather:
     )
 
 
-def wait_url(turn: int) -> str:
-    return f"/turn-wait?turn={turn}"
+def wait_url(turn: int, agent: str = "") -> str:
+    return with_agent(f"/turn-wait?turn={turn}", agent)
 
 
 @_safe
-def hold(text: str, next_turn: int, waiting_turn: int, settings: Settings) -> VoiceResponse:
+def hold(
+    text: str, next_turn: int, waiting_turn: int, settings: Settings, agent: str = ""
+) -> VoiceResponse:
     """A hold line while turn `waiting_turn` is answered, then /turn-wait.
 
     The line is in a Gather so a caller who speaks over it is heard (as the
@@ -88,10 +100,10 @@ def hold(text: str, next_turn: int, waiting_turn: int, settings: Settings) -> Vo
     Redirect after Gather's `timeout`, 1 s, the least Twilio accepts.
     """
     response = VoiceResponse()
-    gather = _listen(next_turn, settings, timeout=HOLD_LISTEN_SECONDS)
+    gather = _listen(next_turn, settings, agent, timeout=HOLD_LISTEN_SECONDS)
     _say(gather, text, settings)
     response.append(gather)
-    response.redirect(wait_url(waiting_turn), method="POST")
+    response.redirect(wait_url(waiting_turn, agent), method="POST")
     return response
 
 

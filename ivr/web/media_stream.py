@@ -26,6 +26,7 @@ from ..stream.relay import Relay
 from ..stream.sockets import TwilioSocket
 from ..telephony import twiml
 from ..telephony.stream_token import PARAMETER, stream_token
+from .agent_choice import agent_for_request, url_agent
 from .signed import signature_is_valid
 
 log = logging.getLogger(__name__)
@@ -47,19 +48,23 @@ def stream_url(services: Services) -> str:
 def answer_with_stream(sid: str, caller: str, callee: str) -> VoiceResponse | None:
     """<Connect><Stream> for a new call, or None when Gather mode should answer it."""
     services = get_services()
-    if not services.settings.streaming_enabled:
+    line = agent_for_request()
+    if not line.settings.streaming_enabled:
         return None
     if services.breaker.is_open():
         log.info("call %s: streaming breaker open; answering in Gather mode", sid)
         metrics.STREAM_FALLBACKS.labels("breaker-open").inc()
         calllog.record_event(services.store, sid, "mode", "Gather mode: streaming breaker open")
         return None
-    services.conversation.begin_call(sid, caller, callee, mode="stream")
-    parameters = {"from": caller, "to": callee}
+    line.conversation.begin_call(sid, caller, callee, mode="stream")
+    agent = url_agent(line)
+    parameters = {"from": caller, "to": callee, **({"agent": agent} if agent else {})}
     key = services.settings.twilio_auth_token
     if key:  # what ties the stream to this call: its handshake's signature cannot
         parameters[PARAMETER] = stream_token(key, sid)
-    return twiml.connect_stream(stream_url(services), FALLBACK_PATH, parameters)
+    return twiml.connect_stream(
+        stream_url(services), twiml.with_agent(FALLBACK_PATH, agent), parameters
+    )
 
 
 @bp.before_request
@@ -99,15 +104,24 @@ def _check_upgrade() -> None:
 def media_stream(ws):
     services = get_services()
     twilio = TwilioSocket(ws, ping_every=services.settings.stream_ping_interval)
+    per_call = None
+    if len(services.agents) > 1:
+        # The call's agent arrives in `start` (our <Parameter name="agent">): the
+        # session is chosen once it is there, Twilio sends it as the socket opens.
+        def per_call(custom: dict):
+            line = services.agent(custom.get("agent"))
+            return relay_config(services, line), StreamControl(line.call_control)
+
     relay = Relay(
         twilio,
-        lambda: open_realtime(services),
+        lambda: open_realtime(services, relay.config.model),
         store=services.store,
         admission=_admission(services),
         config=relay_config(services),
         on_failure=lambda reason: _fell_back(services, relay, reason),
         on_success=services.breaker.record_success,
-        control=StreamControl(services.call_control),
+        control=StreamControl(services.call_control) if per_call is None else None,
+        per_call=per_call,
     )
     metrics.STREAMS_ACTIVE.inc()
     try:

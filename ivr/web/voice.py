@@ -21,6 +21,7 @@ from ..logfmt import CALL_SID
 from ..services import get_services
 from ..store.calls import ENDED_STATUSES
 from ..telephony import twiml
+from .agent_choice import agent_for_request, url_agent
 from .media_stream import FALLBACK_PATH, answer_with_stream
 from .signed import twilio_signed
 
@@ -46,7 +47,8 @@ def twilio_webhook(view):
             _use_call_variables(sid)
             answer = view(sid, *args, **kwargs)
             if isinstance(answer, dict):
-                answer = render_result(answer, get_services().settings)
+                line = agent_for_request()
+                answer = render_result(answer, line.settings, url_agent(line))
             return twiml.render(answer)
         except Exception:
             log.exception("call %s: unexpected error in %s", sid, request.path)
@@ -71,9 +73,9 @@ def _outbound_id() -> str:
 
 def _apology(sid: str):
     """Sorry, and the call goes on with a new Gather, numbered like any other."""
-    services = get_services()
-    result = services.conversation.apologise(sid, _turn())
-    return twiml.gather_turn(result["text"], result["next"], services.settings)
+    line = agent_for_request()
+    result = line.conversation.apologise(sid, _turn())
+    return twiml.gather_turn(result["text"], result["next"], line.settings, url_agent(line))
 
 
 def _confidence() -> float | None:
@@ -99,11 +101,11 @@ def voice(sid: str):
     caller, callee = request.form.get("From", ""), request.form.get("To", "")
     if request.form.get("Direction") == "outbound-api" and _outbound_id():
         # A call the dialer placed: answered in Gather mode with outbound_greeting.txt.
-        return get_services().conversation.greet(sid, caller, callee, _outbound(sid))
+        return agent_for_request().conversation.greet(sid, caller, callee, _outbound(sid))
     stream = answer_with_stream(sid, caller, callee)
     if stream is not None:
         return stream
-    return get_services().conversation.greet(sid, caller, callee)
+    return agent_for_request().conversation.greet(sid, caller, callee)
 
 
 def _outbound(sid: str) -> dict[str, str]:
@@ -152,11 +154,11 @@ def stream_ended(sid: str):
     Where call control closed it (a transfer, a hang-up), the stored exit;
     otherwise the call goes on in Gather mode.
     """
-    services = get_services()
-    exit_doc = services.call_control.stream_exit(sid)
+    line = agent_for_request()
+    exit_doc = line.call_control.stream_exit(sid)
     if exit_doc is not None:
         return exit_doc
-    return services.conversation.resume_after_stream(sid)
+    return line.conversation.resume_after_stream(sid)
 
 
 @bp.post("/process-speech")
@@ -170,8 +172,9 @@ def process_speech(sid: str):
         digits=form.get("Digits", "").strip(),
         caller=form.get("From", ""),
     )
-    result = get_services().conversation.take_turn(sid, _turn(), heard, started)
-    metrics.count_turn(result, time.monotonic() - started)
+    line = agent_for_request()
+    result = line.conversation.take_turn(sid, _turn(), heard, started)
+    metrics.count_turn(result, time.monotonic() - started, line.name)
     return result
 
 
@@ -179,13 +182,14 @@ def process_speech(sid: str):
 @twilio_webhook
 def turn_wait(sid: str):
     """The <Redirect> after a hold line: the held turn's answer, or another hold line."""
-    return get_services().conversation.wait_for_turn(sid, _turn())
+    return agent_for_request().conversation.wait_for_turn(sid, _turn())
 
 
 @bp.post("/voice-fallback")
 @twilio_webhook
 def voice_fallback(sid: str):
     """The number's fallback URL: Twilio calls it when a webhook failed or timed out."""
+    agent_for_request(stored=True)  # its URL is the number's, not ours: it names no agent
     return _apology(sid)
 
 
