@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument(
         "--to", dest="callee", default="+15550100001", help="the number called (%(default)s)"
     )
+    call.add_argument(
+        "--agent",
+        default="",
+        help="call this agent (agents/NAME/): its first number is the number called",
+    )
 
     commands.add_parser(
         "check",
@@ -144,6 +149,19 @@ def main(argv: list[str] | None = None) -> int:
         return INTERRUPTED
 
 
+def _agent_number(name: str) -> str | None:
+    """The first number of the deployment's agent `name` (agents/NAME/agent.yaml)."""
+    from ..config import ConfigError
+    from ..startup import load_deployment
+
+    try:
+        _, _, agents = load_deployment()
+    except ConfigError:
+        return None  # the call itself then says what is wrong with the settings
+    agent = agents.named.get(name)
+    return agent.numbers[0] if agent and agent.numbers else None
+
+
 def _fail(message: str, code: int = USAGE) -> int:
     print(f"ivr: {message}", file=sys.stderr)
     return code
@@ -154,6 +172,11 @@ def _fail(message: str, code: int = USAGE) -> int:
 
 def _call(args) -> int:
     token = os.environ.get("TWILIO_AUTH_TOKEN", "")
+    if args.agent:
+        number = _agent_number(args.agent)
+        if number is None:
+            return _fail(f"no agent called {args.agent!r} with a number in AGENTS_DIR.")
+        args.callee = number
     if args.url:
         if not token:
             return _fail("TWILIO_AUTH_TOKEN is not set: it signs every request, as Twilio does.")

@@ -67,10 +67,13 @@ def _reveal() -> bool:
 @bp.get("/calls")
 def calls():
     args = request.args
+    # Agent names only (never numbers), from the deployment's registry.
+    agent_names = tuple(agent.name for agent in get_services().agents or ())
     filters = Filters(
         ended=args.get("ended", "") if args.get("ended") in (*END_REASONS, "live") else "",
         mode=args.get("mode", "") if args.get("mode") in MODES else "",
         direction=args.get("direction", "") if args.get("direction") in DIRECTIONS else "",
+        agent=args.get("agent", "") if args.get("agent") in agent_names else "",
         # The last four digits at most: the search box never puts a number in a URL.
         digits="".join(c for c in args.get("digits", "") if c.isdigit())[-4:],
     )
@@ -93,6 +96,7 @@ def calls():
         end_reasons=END_REASONS,
         modes=MODES,
         directions=DIRECTIONS,
+        agents=agent_names if len(agent_names) > 1 else (),
         refresh=REFRESH_SECONDS if any(r.live for r in rows) else None,
     )
 

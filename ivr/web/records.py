@@ -37,10 +37,11 @@ class Filters:
     mode: str = ""  # one of MODES
     digits: str = ""  # the caller number's last digits
     direction: str = ""  # one of DIRECTIONS
+    agent: str = ""  # an agent's name (agents/NAME/), or "default"
 
     @property
     def active(self) -> bool:
-        return bool(self.ended or self.mode or self.digits or self.direction)
+        return bool(self.ended or self.mode or self.digits or self.direction or self.agent)
 
     def match(self, row: CallRow) -> bool:
         if self.ended == "live" and not row.live:
@@ -50,6 +51,8 @@ class Filters:
         if self.mode and self.mode not in row.modes:
             return False
         if self.direction and row.direction != self.direction:
+            return False
+        if self.agent and row.agent != self.agent:
             return False
         return not self.digits or _digits(row.caller).endswith(self.digits)
 
@@ -71,6 +74,7 @@ class CallRow:
     direction: str = "inbound"  # or "outbound": placed by the dialer
     answered_by: str = ""  # outbound: Twilio's AnsweredBy (human, machine_end_beep, ...)
     variables: dict[str, str] = field(default_factory=dict)  # outbound: the call's variables
+    agent: str = "default"  # the agent that answered (agents/NAME/)
 
     @property
     def duration(self) -> float | None:
@@ -177,6 +181,7 @@ class CallLog:
             direction="outbound" if meta.get("direction", "").startswith("outbound") else "inbound",
             answered_by=meta.get("answered_by", ""),
             variables=_variables(meta.get("variables")),
+            agent=meta.get("agent") or "default",
         )
 
     def _with_transcripts(self, rows: list[CallRow]) -> list[CallRow]:

@@ -16,7 +16,7 @@ from ivr.config import ConfigError
 from ..conftest import LiveServer
 from ..fakes.openai_server import Reply
 from ..fakes.twilio_media import TwilioMediaClient
-from ..twilio_sim import AUTH_TOKEN, TwilioCall, new_sid
+from ..twilio_sim import AUTH_TOKEN, TwilioCall, new_sid, stream_parameters
 from ..waiting import wait_for
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "agents.md"
@@ -227,13 +227,17 @@ def test_each_agent_gets_its_realtime_session(deployment, fake_openai, stream_co
 
     live = LiveServer(app)
     try:
-        for parameters, voice, system in (
-            ({"agent": "soporte"}, "coral", "agents/soporte/prompts/system.txt"),
-            ({}, "marin", None),
+        for number, voice, system in (
+            (SOPORTE, "coral", "agents/soporte/prompts/system.txt"),
+            (OTHER, "marin", None),
         ):
             fake_openai.reset()
+            sid = new_sid()
+            # The call's own /voice answer: its agent and its stream token.
+            parameters = stream_parameters(live.http, sid, To=number)
+            assert parameters.get("agent") == ("soporte" if number == SOPORTE else None)
             media = TwilioMediaClient(
-                live.ws + "/media-stream", AUTH_TOKEN, new_sid(), parameters=parameters
+                live.ws + "/media-stream", AUTH_TOKEN, sid, parameters=parameters
             ).start()
             assert wait_for(lambda: fake_openai.events("response.create"))
             media.hang_up()
@@ -454,3 +458,52 @@ def test_check_fails_on_a_broken_agent(deployment, monkeypatch, capsys):
     assert main(["check"]) == 1
     out = capsys.readouterr().out
     assert re.search(rf"^FAILED\s+configuration: {re.escape(str(path))}: '\+1' is not", out, re.M)
+
+
+# -- the call log and `ivr call` -----------------------------------------------------------
+
+
+def test_the_call_log_shows_and_filters_by_agent(deployment, fake_openai):
+    import base64
+
+    password = "correct horse battery staple"
+    auth = {"Authorization": "Basic " + base64.b64encode(f"admin:{password}".encode()).decode()}
+    client = create_app({**deployment, "ADMIN_PASSWORD": password}).test_client()
+    calls = {}
+    for number in (SALES, SOPORTE, OTHER):
+        call = TwilioCall(client, callee=number)
+        call.start()
+        calls[number] = call.sid
+
+    def listed(query: str) -> dict[str, str]:
+        page = client.get(f"/calls{query}", headers=auth)
+        assert page.status_code == 200
+        rows = re.findall(r"<tr class=[^>]*>(.*?)</tr>", page.get_data(as_text=True), re.S)
+        return {
+            re.search(r"/calls/(CA\w+)", row).group(1): re.search(r'"agent">(\w+)', row).group(1)
+            for row in rows
+        }
+
+    assert listed("") == {calls[SALES]: "sales", calls[SOPORTE]: "soporte", calls[OTHER]: "default"}
+    assert listed("?agent=soporte") == {calls[SOPORTE]: "soporte"}
+    assert listed("?agent=default") == {calls[OTHER]: "default"}
+    # A name that is no agent filters nothing out (and is never echoed back).
+    assert len(listed("?agent=%2B15550100001")) == 3
+    detail = client.get(f"/calls/{calls[SALES]}", headers=auth).get_data(as_text=True)
+    assert '<dd class="agent">sales</dd>' in detail
+
+
+def test_ivr_call_with_an_agent_calls_its_first_number(deployment, fake_openai, monkeypatch):
+    from io import StringIO
+
+    from ivr.cli.commands import main
+
+    for name, value in deployment.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(sys, "stdin", StringIO("Hola.\n"))
+    assert main(["call", "--agent", "soporte"]) == 0
+    system = fake_openai.chat_requests[-1]["messages"][0]["content"]
+    assert (
+        system == (agent_file(deployment, "soporte") / "prompts" / "system.txt").read_text().strip()
+    )
+    assert main(["call", "--agent", "nobody"]) == 2
