@@ -131,6 +131,8 @@ class Settings:
         why="(0 never holds), so the first answer reaches Twilio in time",
     )
     turn_max: float = env("TURN_MAX_SECONDS", 30.0, least=1, most=300)
+    # Gather turns worked out on Twilio's partial results (ivr/gather/speculation.py).
+    speculative_answers: bool = env("SPECULATIVE_ANSWERS", True)
 
     @property
     def gather_speech_timeout(self) -> str:

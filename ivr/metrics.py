@@ -56,6 +56,12 @@ STREAM_FALLBACKS = Counter(
 REPORTS = Counter(
     "ivr_reports", "End-of-call reports, by result: delivered, refused, failed.", ["result"]
 )
+SPECULATIONS = Counter(
+    "ivr_speculation",
+    "Gather answers worked out on partial results, by what became of them: used, "
+    "discarded (other words, superseded, a tool wanted), failed (no answer in time).",
+    ["result"],
+)
 
 TURN_OUTCOMES = ("answer", "reprompt", "error", "transfer", "end", "goodbye")
 

@@ -48,6 +48,7 @@ class Services:
         """Close the clients' connections (an app being discarded, a CLI command done)."""
         # Held turns use Redis to the end: a connection opened after close() would leak.
         self.conversation.hold.close()
+        self.conversation.speculation.close()
         # The report sender would otherwise poll a closed client for as long as
         # the process lives; a report it leaves is still queued in Redis.
         if self.conversation.reports is not None:

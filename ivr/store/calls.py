@@ -225,6 +225,13 @@ class CallStore:
         """The recent messages, as the LLM sees them."""
         return _messages(self.redis.lrange(self._key(sid, "transcript"), -self.history_max, -1))
 
+    def history_before_words(self, sid: str) -> list[dict]:
+        """The history record_caller() would return now, less the caller's new words
+        (gather/speculation.py): the same window of entries, one shorter."""
+        return _messages(
+            self.redis.lrange(self._key(sid, "transcript"), -(self.history_max - 1), -1)
+        )
+
     def transcript(self, sid: str) -> list[dict]:
         return [json.loads(e) for e in self.redis.lrange(self._key(sid, "transcript"), 0, -1)]
 
