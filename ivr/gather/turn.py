@@ -112,6 +112,10 @@ class Conversation:
         calllog.begin_turn(started)  # timings for the call log
         if not turn:
             return self._answer_and_record(sid, turn, heard, deadline)
+        if heard.speech and self.settings.hold_after:
+            waiting = self.hold.over_hold_line(sid, turn, heard)
+            if waiting is not None:
+                return waiting
         replay = self._claim_or_replay(sid, turn, started)
         if replay is not None:
             return replay

@@ -221,3 +221,18 @@ def test_redis_down_answers_the_turn_the_ordinary_way(config, fake_openai):
     speak(call, "where is my parcel")  # still 204
     assert spoken(call.say("Where is my parcel?")) == ["You said: Where is my parcel?"]
     assert len(fake_openai.chat_requests) == 1  # the final's own request
+
+
+def test_the_call_log_says_a_turn_was_answered_from_a_speculation(config, fake_openai, redis):
+    import base64
+
+    app = create_app({**config, "ADMIN_PASSWORD": "pw"})
+    call = TwilioCall(app.test_client())
+    call.start()
+    fake_openai.answer_when("where is my parcel", Reply(ANSWER))
+    speak(call, "where is my parcel")
+    call.say("Where is my parcel?")
+    call.say("And my refund?")  # the control: answered the ordinary way
+    auth = {"Authorization": "Basic " + base64.b64encode(b"admin:pw").decode()}
+    page = call.client.get(f"/calls/{call.sid}", headers=auth).get_data(as_text=True)
+    assert page.count("worked out while the caller spoke") == 1
