@@ -84,7 +84,10 @@ class Hold:
                 # line before any webhook gave them its answer?
                 pipe.exists(self._key(sid, f"onhold:{turn - 1}"))
                 pipe.exists(self._key(sid, f"heard:{turn - 1}"))
-                _, on_hold, heard_it = pipe.execute()
+                speculation = self.conversation.speculation
+                speculation.queue_lookup(pipe, sid, turn)
+                _, on_hold, heard_it, speculated = pipe.execute()
+            speculation.looked_up(sid, turn, speculated)  # read by the thread's copied context
             if on_hold and not heard_it:
                 self._unheard(sid, turn - 1)
         except redis.RedisError as exc:

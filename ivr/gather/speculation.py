@@ -54,6 +54,11 @@ STABLE_ENOUGH = 0.9
 RESERVE_SECONDS = 1.0
 # One blocking read's slice: under the Redis client's 1 s socket timeout.
 SLICE_SECONDS = 0.5
+# What the turn's first round trip found (gather/hold.py): (sid, turn, whether a
+# speculation exists). None begun by then can begin later: the final's claim
+# stops any new one (see _start), so a turn with none skips its lookup.
+_found: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("ivr_spec", default=None)
+
 # Settled states, and what each counts as in ivr_speculation_total once the final decides.
 OUTCOMES = {"ready": "used", "tool": "discarded", "failed": "failed"}
 
@@ -247,13 +252,21 @@ class Speculation:
 
     # -- /process-speech ---------------------------------------------------------------
 
+    def queue_lookup(self, pipe, sid: str, turn: int) -> None:
+        """Ask, in a round trip the turn makes anyway, whether turn N has a speculation."""
+        pipe.hexists(self._key(sid, f"spec:{turn}"), "words")
+
+    @staticmethod
+    def looked_up(sid: str, turn: int, exists) -> None:
+        _found.set((sid, turn, bool(exists)))
+
     def take(
         self, sid: str, turn: int, words: str, history: list[dict], deadline: float
     ) -> tuple[str, int] | None:
         """(the answer, ms it started before now) when a speculation of turn N said the
         same words over the same history; waits for one still on its way. None:
         answer the ordinary way. `history` is the turn's, less the caller's words."""
-        if not self.settings.speculative_answers:
+        if not self.settings.speculative_answers or _found.get() == (sid, turn, False):
             return None
         spec, done = self._key(sid, f"spec:{turn}"), self._key(sid, f"specdone:{turn}")
         words = normalise_words(words)
