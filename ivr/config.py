@@ -149,6 +149,8 @@ class Settings:
     api_token: str = env("API_TOKEN", "")
     outbound_calls_per_second: float = env("OUTBOUND_CALLS_PER_SECOND", 1.0, above=0, most=100)
     outbound_max_active: int = env("OUTBOUND_MAX_ACTIVE", 10, least=1)
+    # Gather turns worked out on Twilio's partial results (ivr/gather/speculation.py).
+    speculative_answers: bool = env("SPECULATIVE_ANSWERS", True)
 
     @property
     def gather_speech_timeout(self) -> str:

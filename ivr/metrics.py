@@ -66,6 +66,13 @@ OUTBOUND_CALLS = Counter(
     ["result"],
 )
 
+SPECULATIONS = Counter(
+    "ivr_speculation",
+    "Gather answers worked out on partial results, by what became of them: used, "
+    "discarded (other words, superseded, a tool wanted), failed (no answer in time).",
+    ["result"],
+)
+
 TURN_OUTCOMES = ("answer", "reprompt", "error", "transfer", "end", "goodbye")
 
 

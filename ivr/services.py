@@ -84,6 +84,7 @@ class Services:
         # Held turns use Redis to the end: a connection opened after close() would leak.
         for line in (self.lines or {}).values():
             line.conversation.hold.close()
+            line.conversation.speculation.close()
         # The report sender would otherwise poll a closed client for as long as
         # the process lives; a report it leaves is still queued in Redis.
         if self.conversation.reports is not None:

@@ -151,6 +151,19 @@ class TwilioCall:
             fields["Confidence"] = f"{confidence}"
         return self.post_action(**fields)
 
+    def partial(self, words: str, **fields) -> int:
+        """What Twilio posts to the last Gather's partialResultCallback while the
+        caller is still speaking; returns the status (Twilio ignores the answer)."""
+        url = self.gather.get("partialResultCallback")
+        assert url, "the last Gather asks for no partial results"
+        self._sequence = getattr(self, "_sequence", 0) + 1
+        params = self.params(
+            UnstableSpeechResult=words, SequenceNumber=str(self._sequence), **fields
+        )
+        response = signed_post(self.client, url, params, base_url=self.base_url)
+        assert response.get_data() == b""
+        return response.status_code
+
     def silence(self) -> ET.Element:
         return self.post_action()
 

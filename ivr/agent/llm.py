@@ -166,6 +166,30 @@ class Responder:
                 return Reply(text, call.action, new)
         raise LLMUnavailable("the model kept calling tools")
 
+    def first_answer(
+        self,
+        system_prompt: str,
+        history: list[dict],
+        deadline: float,
+        tools: ToolRegistry | None = None,
+        call: ToolCall | None = None,
+    ) -> str | None:
+        """The request reply() makes first, tools offered alike, but no tool is run:
+        the words, or None when the model wants a tool (a speculative answer ends there).
+
+        Raises LLMUnavailable like reply().
+        """
+        messages = [{"role": "system", "content": system_prompt}, *history]
+        offered = tools.chat_tools(call.settings) if tools and call else []
+        retry_until = time.monotonic() + self.retry_window if self.retry_window else deadline
+        message = self._complete(messages, deadline, offered, retry_until)
+        if message.get("tool_calls"):
+            return None
+        text = (message.get("content") or "").strip()
+        if not text:
+            raise LLMUnavailable("the model returned no text")
+        return text
+
     def _complete(
         self, messages: list[dict], deadline: float, tools: list[dict], retry_until: float
     ) -> dict:

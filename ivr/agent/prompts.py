@@ -91,6 +91,11 @@ def fill(text: str, variables: dict[str, str] | None) -> str:
 BUILT_IN_HOLD_LINES = ["One moment, please.", "Let me check that for you."]
 
 
+# Said over a hold line, these do not start a new turn, when
+# prompts/acknowledgements.txt cannot be read.
+BUILT_IN_ACKNOWLEDGEMENTS = ["okay", "ok", "thanks", "thank you", "sure", "alright", "mm hmm"]
+
+
 class PromptError(Exception):
     pass
 
@@ -153,3 +158,21 @@ def pick_line(prompts, last: str | None) -> str:
     text = prompts.say("hold", "\n".join(BUILT_IN_HOLD_LINES))
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return random.choice([line for line in lines if line != last] or lines)
+
+
+_NOT_A_WORD = re.compile(r"[^\w\s]|_")
+
+
+def normalise_words(text: str) -> str:
+    """Words as compared between Twilio's partial and final results: case,
+    punctuation and spacing do not count ("Where is it?" == "where  is it")."""
+    return " ".join(_NOT_A_WORD.sub("", text.casefold()).split())
+
+
+def acknowledgements(prompts) -> frozenset[str]:
+    """prompts/acknowledgements.txt (one per line), normalised; built-in ones without it."""
+    try:
+        text = prompts.get("acknowledgements")
+    except (PromptError, OSError, UnicodeDecodeError):
+        text = "\n".join(BUILT_IN_ACKNOWLEDGEMENTS)
+    return frozenset(filter(None, (normalise_words(line) for line in text.splitlines())))

@@ -236,7 +236,8 @@ def _call(args) -> int:
     print(
         f"--- {len(times)} webhooks ({waits} after hold lines); time per webhook: "
         f"min {min(times) * 1000:.0f} ms, "
-        f"mean {sum(times) / len(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms"
+        f"mean {sum(times) / len(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms; "
+        f"{summary.partials} partial results"
     )
     return 0
 

@@ -93,6 +93,7 @@ def parse_input(line: str) -> CallerInput:
 @dataclass
 class Summary:
     webhooks: list[tuple[str, float]] = field(default_factory=list)
+    partials: int = 0  # partial results posted (not in `webhooks`: Twilio ignores their answer)
     turns: int = 0
     ended_by: str = ""
     transferred_to: str = ""
@@ -206,14 +207,36 @@ class Simulator:
         if heard.digits and "dtmf" in inputs:
             params["Digits"] = heard.digits
         elif heard.speech and "speech" in inputs:
+            self._partials(gather, heard.speech)
             params["SpeechResult"] = heard.speech
             if heard.confidence is not None:
                 params["Confidence"] = f"{heard.confidence:.2f}"
         return params
 
+    def _partials(self, gather: ET.Element, speech: str) -> None:
+        """What Twilio posts to partialResultCallback while the caller speaks: the
+        words so far, one more each time, and the whole once more as the recognizer
+        settles on them."""
+        callback = gather.get("partialResultCallback")
+        if not callback:
+            return
+        target = urljoin(self.base_url + "/", callback)
+        words = speech.split()
+        prefixes = [" ".join(words[: n + 1]) for n in range(len(words))]
+        for number, text in enumerate(prefixes + prefixes[-1:], start=1):
+            self._request(
+                target,
+                {"UnstableSpeechResult": text, "SequenceNumber": str(number)},
+                expect_twiml=False,
+                record=False,
+            )
+            self.summary.partials += 1
+
     # -- requests ---------------------------------------------------------------------------
 
-    def _request(self, url: str, fields: dict, expect_twiml: bool = True) -> ET.Element | None:
+    def _request(
+        self, url: str, fields: dict, expect_twiml: bool = True, record: bool = True
+    ) -> ET.Element | None:
         params = {
             "CallSid": self.sid,
             "AccountSid": "AC" + "0" * 32,
@@ -226,7 +249,8 @@ class Simulator:
         }
         headers = {"X-Twilio-Signature": self.validator.compute_signature(url, params)}
         answer = self.post(url, params, headers)
-        self.summary.webhooks.append((urlsplit(url).path, answer.seconds))
+        if record:
+            self.summary.webhooks.append((urlsplit(url).path, answer.seconds))
         if answer.seconds > TWILIO_TIMEOUT:
             raise TwilioWouldFail(f"{url} took {answer.seconds:.1f} s; Twilio gives up at 15 s")
         if not expect_twiml:

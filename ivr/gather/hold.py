@@ -34,7 +34,7 @@ import time
 
 import redis
 
-from ..agent.prompts import pick_line
+from ..agent.prompts import acknowledgements, normalise_words, pick_line
 from . import budget
 
 log = logging.getLogger(__name__)
@@ -75,11 +75,22 @@ class Hold:
         deadline = started + settings.turn_max
         claim = self.store.claim_keys(sid, turn)
         try:
-            self.redis.set(
-                self._key(sid, f"held:{turn}"),
-                f"{time.time() + settings.turn_max:.3f}",
-                ex=int(settings.turn_max) + 60,
-            )
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.set(
+                    self._key(sid, f"held:{turn}"),
+                    f"{time.time() + settings.turn_max:.3f}",
+                    ex=int(settings.turn_max) + 60,
+                )
+                # In the same round trip: did the caller speak over turn N-1's hold
+                # line before any webhook gave them its answer?
+                pipe.exists(self._key(sid, f"onhold:{turn - 1}"))
+                pipe.exists(self._key(sid, f"heard:{turn - 1}"))
+                speculation = self.conversation.speculation
+                speculation.queue_lookup(pipe, sid, turn)
+                _, on_hold, heard_it, speculated = pipe.execute()
+            speculation.looked_up(sid, turn, speculated)  # read by the thread's copied context
+            if on_hold and not heard_it:
+                self._unheard(sid, turn - 1)
         except redis.RedisError as exc:
             # Nowhere to leave the answer for another request: answer in this
             # one, inside Twilio's limit, as without holding.
@@ -149,6 +160,31 @@ class Hold:
         log.info("call %s turn %s: not ready after %gs; holding", sid, turn, settings.hold_after)
         return self.hold_line(sid, turn)
 
+    def _unheard(self, sid: str, turn: int) -> None:
+        """Turn N's answer never reached the caller: the model is told so (store/calls.py)."""
+        log.info("call %s turn %s: the caller spoke over the hold line; answer unheard", sid, turn)
+        self.store.append(sid, "unheard", "", "gather", turn=turn)
+
+    def over_hold_line(self, sid: str, turn: int, heard) -> dict | None:
+        """An acknowledgement ("okay") said over turn N-1's hold line is no turn: the
+        wait for N-1's answer goes on. None for any other words, or nothing held."""
+        words = normalise_words(heard.speech)
+        if not words or turn < 2 or words not in acknowledgements(self.prompts):
+            return None
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.exists(self._key(sid, f"onhold:{turn - 1}"))
+                pipe.exists(self._key(sid, f"heard:{turn - 1}"))
+                on_hold, heard_it = pipe.execute()
+            if not on_hold or heard_it:
+                return None
+            # Kept, as every word of the caller's, but not in the model's history.
+            self.store.append(sid, "caller_aside", heard.speech, "gather", kind="acknowledgement")
+        except redis.RedisError:
+            return None  # a turn as any other
+        log.info("call %s turn %s: an acknowledgement over the hold line; still waiting", sid, turn)
+        return self.wait(sid, turn - 1)
+
     def _release(self, sid: str, claim) -> None:
         try:
             self.leases.release(*claim)
@@ -168,10 +204,16 @@ class Hold:
     ) -> dict:
         result, messages = conversation.answer_turn(sid, turn, heard, deadline)
         inline = ready(result) if ready else True
-        if not inline and self._moved_on(sid, turn):
-            # The caller spoke over the hold line: the next turn has begun. The
-            # answer goes in the history, marked, and is never spoken.
-            messages = [{**m, "unheard": True} for m in messages]
+        if not inline:
+            # Heard only once a webhook gives it: the words carry their turn, so a
+            # later `unheard` entry for it makes them a note to the model.
+            messages = [
+                {**m, "held_turn": turn} if m["role"] == "assistant" else m for m in messages
+            ]
+            if self._moved_on(sid, turn):
+                # The caller spoke over the hold line: the next turn has begun. The
+                # answer goes in the history, marked, and is never spoken.
+                messages = [{**m, "unheard": True} for m in messages]
         return conversation.end_turn(sid, turn, result, messages)
 
     def _moved_on(self, sid: str, turn: int) -> bool:
@@ -212,6 +254,7 @@ class Hold:
                     pipe.hget(results, str(turn))
                     claimed, until_epoch, stored = pipe.execute()
                 if stored:
+                    self._heard(sid, turn)
                     return json.loads(stored)
                 if self._lost(claimed, until_epoch, began):
                     log.error("call %s turn %s: its worker is gone; error line", sid, turn)
@@ -227,6 +270,10 @@ class Hold:
         except redis.RedisError as exc:
             log.error("call %s turn %s: Redis failed while waiting: %s", sid, turn, exc)
             return self._error(turn, "error")
+
+    def _heard(self, sid: str, turn: int) -> None:
+        """A webhook is giving turn N's answer: only now does it count as heard."""
+        self.redis.set(self._key(sid, f"heard:{turn}"), 1, ex=self.store.ttl)
 
     @staticmethod
     def _lost(claimed, until_epoch, began: float) -> bool:
@@ -259,7 +306,7 @@ class Hold:
             last = None
         text = pick_line(self.prompts, last.decode() if isinstance(last, bytes) else last)
         try:
-            self.store.record_hold_line(sid, text)
+            self.store.record_hold_line(sid, text, turn)
         except redis.RedisError as exc:
             log.warning("call %s: hold line not recorded: %s", sid, exc)
         return {"kind": "hold", "text": text, "next": turn + 1, "wait": turn}

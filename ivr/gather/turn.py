@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import redis
 
 from .. import metrics
-from ..agent.llm import LLMUnavailable, Responder
+from ..agent.llm import LLMUnavailable, Reply, Responder
 from ..agent.prompts import OUTBOUND_LINES, Prompts
 from ..agent.speakable import make_speakable
 from ..agent.tools import ToolCall, ToolRegistry
@@ -30,6 +30,7 @@ from ..telephony import twiml
 from . import budget
 from .claims import Leases
 from .hold import Hold
+from .speculation import Speculation
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ class Conversation:
         self.reports = reports  # a report.ReportQueue, when END_OF_CALL_WEBHOOK_URL is set
         # What the caller heard but Redis could not take yet (a restart): retried.
         self.backlog = Backlog()
+        # Before Hold, which copies this conversation with a held turn's budgets.
+        self.speculation = Speculation(self)  # answers worked out on partial results
         self.hold = Hold(self)  # slow turns: hold lines and /turn-wait
 
     # -- entry points -------------------------------------------------------------
@@ -149,6 +152,10 @@ class Conversation:
         calllog.begin_turn(started)  # timings for the call log
         if not turn:
             return self._answer_and_record(sid, turn, heard, deadline)
+        if heard.speech and self.settings.hold_after:
+            waiting = self.hold.over_hold_line(sid, turn, heard)
+            if waiting is not None:
+                return waiting
         replay = self._claim_or_replay(sid, turn, started)
         if replay is not None:
             return replay
@@ -314,8 +321,9 @@ class Conversation:
                 "end_reason": "limit-reached",
             }, []
         call = ToolCall(call_sid=sid, caller=heard.caller, settings=settings)
+        reply = self._speculated(sid, turn, heard, record, deadline)
         try:
-            reply = self.responder.reply(
+            reply = reply or self.responder.reply(
                 self.prompts.get("system"), history, deadline, tools=self.tools, call=call
             )
         except LLMUnavailable as exc:
@@ -327,8 +335,25 @@ class Conversation:
         if not text:
             return {"kind": "error", "text": self.prompts.line("error"), "next": next_turn}, []
         # What is recorded is what the caller heard.
-        messages = reply.messages[:-1] + [{"role": "assistant", "content": text}]
+        messages = reply.messages[:-1] + [{**reply.messages[-1], "content": text}]
         return {"kind": "answer", "text": text, "next": next_turn}, messages
+
+    def _speculated(
+        self, sid: str, turn: int | None, heard: Heard, record: TurnRecord | None, deadline: float
+    ) -> Reply | None:
+        """The answer worked out on Twilio's partial results, if they said these words."""
+        if not (turn and heard.speech and record):
+            return None  # keys, or Redis down: nothing to compare with
+        found = self.speculation.take(sid, turn, heard.speech, record.history[:-1], deadline)
+        if found is None:
+            return None
+        text, lead_ms = found
+        log.info(
+            "call %s turn %s: answered from a speculation begun %d ms earlier", sid, turn, lead_ms
+        )
+        # The call log shows it (transcript entries keep extra fields).
+        message = {"role": "assistant", "content": text, "speculation": {"lead_ms": lead_ms}}
+        return Reply(text, None, [message])
 
     def _act(self, action: dict) -> dict:
         """A tool asked to move or end the call."""

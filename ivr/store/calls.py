@@ -278,11 +278,14 @@ class CallStore:
             self._expire_all(pipe, sid, self.ttl)
             pipe.execute()
 
-    def record_hold_line(self, sid: str, text: str) -> None:
+    def record_hold_line(self, sid: str, text: str, turn: int | None = None) -> None:
         """A hold line said (gather/hold.py): in the transcript, and kept as the call's
-        last one under `ivr:{CA…}:hold`, so the next is another; one round trip."""
+        last one under `ivr:{CA…}:hold`, so the next is another; turn N marked as
+        held (`onhold:N`) for the caller's words over it; one round trip."""
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(self._key(sid, "hold"), text, ex=self.ttl)
+            if turn:
+                pipe.set(self._key(sid, f"onhold:{turn}"), 1, ex=self.ttl)
             self._push(pipe, sid, _entry("agent_line", text, "gather", kind="hold"))
             self._expire_all(pipe, sid, self.ttl)
             pipe.execute()
@@ -290,6 +293,13 @@ class CallStore:
     def history(self, sid: str) -> list[dict]:
         """The recent messages, as the LLM sees them."""
         return _messages(self.redis.lrange(self._key(sid, "transcript"), -self.history_max, -1))
+
+    def history_before_words(self, sid: str) -> list[dict]:
+        """The history record_caller() would return now, less the caller's new words
+        (gather/speculation.py): the same window of entries, one shorter."""
+        return _messages(
+            self.redis.lrange(self._key(sid, "transcript"), -(self.history_max - 1), -1)
+        )
 
     def transcript(self, sid: str) -> list[dict]:
         return [json.loads(e) for e in self.redis.lrange(self._key(sid, "transcript"), 0, -1)]
@@ -389,18 +399,38 @@ def _entry(role: str, content: str, mode: str, **extra) -> str:
     )
 
 
+# How an answer the caller never heard (they spoke over the hold line before it
+# was given) reaches the model: not as said, so that it may say it now.
+UNHEARD_NOTE = "The caller did not hear your answer, they spoke before it was ready: {}"
+
+
+def _unheard(entry: dict, unheard_turns: set) -> bool:
+    return bool(
+        entry.get("role") == "assistant"
+        and not entry.get("tool_calls")
+        and (entry.get("unheard") or entry.get("held_turn") in unheard_turns)
+    )
+
+
 def _messages(raw_entries) -> list[dict]:
     """Transcript entries as chat messages: words, tool calls and tool results.
 
     A tool result is kept only after the assistant message that asked for
     it: the API refuses any other order, which a window cut mid-exchange or a
     streaming call's tool entries (no chat-format call) would otherwise give.
+    A held answer the caller did not hear (marked so, or its turn named by a
+    later `unheard` entry) becomes a system note.
     """
     messages: list[dict] = []
     asked: set[str] = set()  # tool call ids of the latest assistant message
-    for raw in raw_entries:
-        entry = json.loads(raw)
+    entries = [json.loads(raw) for raw in raw_entries]
+    unheard_turns = {e.get("turn") for e in entries if e.get("role") == "unheard"}
+    for entry in entries:
         role = entry.get("role")
+        if _unheard(entry, unheard_turns):
+            messages.append({"role": "system", "content": UNHEARD_NOTE.format(entry["content"])})
+            asked = set()
+            continue
         if role == "tool":
             if entry.get("tool_call_id") in asked:
                 messages.append(

@@ -69,7 +69,18 @@ def gather_turn(
     return response
 
 
+def partial_url(turn: int, agent: str = "") -> str:
+    return with_agent(f"/partial-speech?turn={turn}", agent)
+
+
 def _listen(next_turn: int | None, settings: Settings, agent: str = "", **extra) -> Gather:
+    if settings.speculative_answers and next_turn:
+        # Twilio posts what it has heard so far while the caller speaks, so the
+        # answer can be worked out before the final SpeechResult (gather/speculation.py).
+        extra.update(
+            partial_result_callback=partial_url(next_turn, agent),
+            partial_result_callback_method="POST",
+        )
     return Gather(
         # Keys as well as speech; one key is enough (0 for a human, * to repeat).
         input="dtmf speech",

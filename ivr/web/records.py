@@ -220,6 +220,8 @@ SPEAKERS = {
     "agent_line": "agent",
     "tool": "tool",
     "event": "call",
+    "caller_aside": "caller (over a hold line)",
+    "unheard": "call",
 }
 
 
@@ -243,7 +245,10 @@ def timeline(entries: list[dict], started: float | None) -> list[dict]:
             "mode": entry.get("mode", ""),
             "text": entry.get("content") or "",
         }
-        for key in ("confidence", "interrupted", "heard_ms", "latency_ms", "kind", "timing"):
+        if role == "unheard":
+            line["text"] = "the answer to the last question was not heard: the caller spoke first"
+        keys = ("confidence", "interrupted", "heard_ms", "latency_ms", "kind", "timing")
+        for key in (*keys, "speculation"):
             if entry.get(key) is not None and _finite(entry[key]):
                 line[key] = entry[key]
         if role == "assistant" and entry.get("tool_calls"):

@@ -178,6 +178,15 @@ def process_speech(sid: str):
     return result
 
 
+@bp.post("/partial-speech")
+@twilio_signed
+def partial_speech():
+    """Gather's partialResultCallback: Twilio ignores the answer, so always 204."""
+    sid = request.form.get("CallSid", "")
+    agent_for_request().conversation.speculation.heard_partial(sid, _turn(), request.form)
+    return "", 204
+
+
 @bp.post("/turn-wait")
 @twilio_webhook
 def turn_wait(sid: str):

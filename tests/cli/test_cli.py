@@ -69,6 +69,24 @@ def test_a_scripted_call_in_process(env, monkeypatch, capsys, fake_openai, promp
     assert "My name is Ada." in contents
 
 
+def test_the_simulator_posts_partial_results_as_twilio_does(
+    env, monkeypatch, capsys, fake_openai, redis
+):
+    code, out, _ = run(monkeypatch, capsys, ["call"], "Where is my parcel?\n")
+    assert code == 0
+    assert "agent: You said: Where is my parcel?" in out
+    assert "5 partial results" in out  # four growing ones, the last said twice
+    assert len(fake_openai.chat_requests) == 1
+    # The answer was worked out on the partial results, and the final matched them.
+    (key,) = redis.keys("ivr:*:transcript")
+    answer = json.loads(redis.lrange(key, -1, -1)[0])
+    assert answer["speculation"]["lead_ms"] >= 0
+    monkeypatch.setenv("SPECULATIVE_ANSWERS", "false")  # the control: no partials asked for
+    code, out, _ = run(monkeypatch, capsys, ["call"], "Where is my parcel?\n")
+    assert "agent: You said: Where is my parcel?" in out
+    assert "0 partial results" in out
+
+
 def test_the_call_ends_when_the_agent_hangs_up(env, monkeypatch, capsys, prompts_dir):
     code, out, _ = run(monkeypatch, capsys, ["call"], "\n\n\n\n\n\n")
     assert code == 0

@@ -169,10 +169,11 @@ def test_speech_over_a_hold_line_is_the_next_turn_and_the_late_answer_is_kept_un
     (late,) = [e for e in transcript(call) if e["content"] == "The late answer."]
     assert late["unheard"] is True
     assert results(redis, call.sid)[1]["text"] == "The late answer."
-    # Kept in the history the model sees from now on.
+    # Kept in the history the model sees from now on, as an answer not heard.
     call.say("Thanks")
-    contents = [m["content"] for m in fake_openai.chat_requests[-1]["messages"]]
-    assert "The late answer." in contents
+    sent = fake_openai.chat_requests[-1]["messages"]
+    assert any("The late answer." in (m["content"] or "") for m in sent)
+    assert {"role": "assistant", "content": "The late answer."} not in sent
 
 
 def test_hold_settings_are_checked_at_start(config):
