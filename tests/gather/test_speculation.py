@@ -226,13 +226,15 @@ def test_redis_down_answers_the_turn_the_ordinary_way(config, fake_openai):
 def test_the_call_log_says_a_turn_was_answered_from_a_speculation(config, fake_openai, redis):
     import base64
 
-    app = create_app({**config, "ADMIN_PASSWORD": "pw"})
+    app = create_app({**config, "ADMIN_PASSWORD": "correct horse battery staple"})
     call = TwilioCall(app.test_client())
     call.start()
     fake_openai.answer_when("where is my parcel", Reply(ANSWER))
     speak(call, "where is my parcel")
     call.say("Where is my parcel?")
     call.say("And my refund?")  # the control: answered the ordinary way
-    auth = {"Authorization": "Basic " + base64.b64encode(b"admin:pw").decode()}
+    auth = {
+        "Authorization": "Basic " + base64.b64encode(b"admin:correct horse battery staple").decode()
+    }
     page = call.client.get(f"/calls/{call.sid}", headers=auth).get_data(as_text=True)
     assert page.count("worked out while the caller spoke") == 1
