@@ -69,6 +69,7 @@ def _fake_openai_server():
 
 @pytest.fixture
 def fake_openai(_fake_openai_server):
+    _fake_openai_server.new_key()
     _fake_openai_server.reset()
     yield _fake_openai_server
     _fake_openai_server.reset()
@@ -93,7 +94,7 @@ def prompts_dir(tmp_path):
 def config(redis, redis_url, fake_openai, prompts_dir):
     return {
         "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
-        "OPENAI_API_KEY": "sk-test",
+        "OPENAI_API_KEY": fake_openai.api_key,  # this test's own (fakes/openai_server.py)
         "OPENAI_BASE_URL": fake_openai.url,
         "OPENAI_MODEL": "fake-model",
         "REDIS_URL": redis_url,

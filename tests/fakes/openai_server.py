@@ -138,6 +138,12 @@ class FakeOpenAI:
         self._ids = itertools.count(1)
         self.default_delay = 0.0
         self.realtime = RealtimeScript()
+        # One API key per test (new_key(), from the fixture): an app left over from an
+        # earlier test (a background speculation, a held turn) is refused as the service
+        # refuses a revoked key, instead of taking this test's scripted answers.
+        self._generation = itertools.count(1)
+        self.api_key = "sk-test"
+        self._revoked: set[str] = set()
         self.realtime_events: list[dict] = []
         self.realtime_handshakes: list[dict] = []
         self.app = self._build_app()
@@ -177,6 +183,13 @@ class FakeOpenAI:
     def judge_requests(self) -> list[dict]:
         return [body for body in self.chat_requests if is_json_mode(body)]
 
+    def new_key(self) -> str:
+        """A key for the next test; the last test's is revoked from now on."""
+        if self.api_key != "sk-test":
+            self._revoked.add(self.api_key)
+        self.api_key = f"sk-test-{next(self._generation)}"
+        return self.api_key
+
     def reset(self) -> None:
         self._release.set()  # free any handler still hanging from the last test
         with self._lock:
@@ -214,8 +227,19 @@ class FakeOpenAI:
     def _build_app(self) -> Flask:
         app = Flask("fake-openai")
 
+        def revoked():
+            """The service's answer to a key it no longer takes, or None."""
+            key = request.headers.get("Authorization", "").removeprefix("Bearer ")
+            if key not in self._revoked:
+                return None
+            error = {"message": "Incorrect API key provided.", "type": "invalid_request_error"}
+            return jsonify(error={**error, "code": "invalid_api_key"}), 401
+
         @app.post("/v1/chat/completions")
         def chat():
+            refused = revoked()
+            if refused is not None:
+                return refused
             body = request.get_json()
             with self._lock:
                 self.requests.append(
@@ -265,6 +289,9 @@ class FakeOpenAI:
         def realtime_gate():
             if request.path != "/v1/realtime":
                 return None
+            refused = revoked()
+            if refused is not None:
+                return refused
             with self._lock:
                 self.realtime_handshakes.append(
                     {"model": request.args.get("model"), "headers": dict(request.headers)}

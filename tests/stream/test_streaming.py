@@ -66,7 +66,7 @@ def test_model_is_configured_for_pcmu_passthrough_and_greets(live, fake_openai, 
     media.hang_up()
     (handshake,) = fake_openai.realtime_handshakes
     assert handshake["model"] == "fake-realtime"
-    assert handshake["headers"]["Authorization"] == "Bearer sk-test"
+    assert handshake["headers"]["Authorization"] == f"Bearer {fake_openai.api_key}"
     (update,) = fake_openai.events("session.update")
     session = update["session"]
     assert session["type"] == "realtime"
