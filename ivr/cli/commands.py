@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     number.add_argument(
-        "--number", required=True, help="the Twilio number in E.164 form, e.g. +15551234567"
+        "--number",
+        help="the Twilio number in E.164 form, e.g. +15551234567 (default: every number "
+        "of every agent in AGENTS_DIR)",
     )
     number.add_argument(
         "--base-url",
@@ -262,6 +264,12 @@ def _add_test_command(commands) -> None:
     test.add_argument(
         "--repeat", type=int, default=1, metavar="N", help="run each scenario N times (pass rate)"
     )
+    test.add_argument(
+        "--agent",
+        default="",
+        help="run agents/NAME/scenarios/ against that agent (default: scenarios/, then every "
+        "agent's own)",
+    )
 
 
 def _test(args) -> int:
@@ -271,20 +279,61 @@ def _test(args) -> int:
 
     if args.repeat < 1:
         return _fail("--repeat must be 1 or more.")
-    if not args.paths and not Path("scenarios").is_dir():
-        return _fail(
-            "no scenarios/ folder here: run `ivr test` from the app's root, or name the files."
-        )
-    try:
-        passed = run_suite(
-            args.paths or ["scenarios"],
-            url=args.url,
-            repeat=args.repeat,
-            junit=Path(args.junit) if args.junit else None,
-        )
-    except SuiteError as exc:
-        return _fail(str(exc).replace("\n", "\nivr: "))  # one line per problem
+    groups = _scenario_groups(args)
+    if isinstance(groups, str):
+        return _fail(groups)
+    passed = True
+    for name, paths, callee in groups:
+        if name:
+            print(f"--- agent {name} (calls {callee})")
+        junit = Path(args.junit) if args.junit else None
+        if junit and name and len(groups) > 1:  # one file per agent, beside the default's
+            junit = junit.with_name(f"{junit.stem}-{name}{junit.suffix}")
+        try:
+            passed = (
+                run_suite(paths, url=args.url, repeat=args.repeat, junit=junit, callee=callee)
+                and passed
+            )
+        except SuiteError as exc:
+            return _fail(str(exc).replace("\n", "\nivr: "))  # one line per problem
     return 0 if passed else 1
+
+
+def _scenario_groups(args) -> list[tuple[str, list[str], str]] | str:
+    """(agent name or "", scenario paths, number to call) for each group to run, or why not.
+
+    `--agent NAME`: agents/NAME/scenarios/ (or the PATHs) against that agent's first number.
+    Otherwise the PATHs, or scenarios/ and then every agent's own scenarios/ folder.
+    """
+    from pathlib import Path
+
+    from ..config import ConfigError
+    from ..startup import load_deployment
+
+    try:
+        _, _, agents = load_deployment()
+    except ConfigError:
+        agents = None  # the suite itself then says what is wrong with the settings
+    named = agents.named if agents else {}
+    if args.agent:
+        agent = named.get(args.agent)
+        if agent is None or not agent.numbers:
+            return f"no agent called {args.agent!r} with a number in AGENTS_DIR."
+        folder = agent.folder / "scenarios"
+        paths = args.paths or [str(folder)]
+        if not args.paths and not folder.is_dir():
+            return f"no scenarios folder for agent {args.agent}: {folder}"
+        return [(agent.name, paths, agent.numbers[0])]
+    if args.paths:
+        return [("", args.paths, "")]
+    groups = [("", ["scenarios"], "")] if Path("scenarios").is_dir() else []
+    for agent in named.values():
+        folder = agent.folder / "scenarios" if agent.folder else None
+        if folder and folder.is_dir() and agent.numbers:
+            groups.append((agent.name, [str(folder)], agent.numbers[0]))
+    if not groups:
+        return "no scenarios/ folder here: run `ivr test` from the app's root, or name the files."
+    return groups
 
 
 # -- ivr check --------------------------------------------------------------------------------
@@ -402,6 +451,9 @@ def _configure_number(args) -> int:
     sid, token = os.environ.get("TWILIO_ACCOUNT_SID"), os.environ.get("TWILIO_AUTH_TOKEN")
     if not (sid and token):
         return _fail("TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN must be set to change a number.")
+    numbers = [args.number] if args.number else _agents_numbers()
+    if not numbers:
+        return _fail("no --number given, and no agent in AGENTS_DIR has a number.")
     base = args.base_url.rstrip("/")
     if not base.startswith("https://"):
         print(
@@ -410,34 +462,49 @@ def _configure_number(args) -> int:
             file=sys.stderr,
         )
     client = Client(sid, token)
-    try:
-        found = client.incoming_phone_numbers.list(phone_number=args.number, limit=2)
-        if not found:
-            return _fail(f"{args.number} is not a number of account {sid}.")
-        number = found[0].update(
-            voice_url=f"{base}/voice",
-            voice_method="POST",
-            voice_fallback_url=args.fallback_url or f"{base}/voice-fallback",
-            voice_fallback_method="POST",
-            status_callback=f"{base}/call-status",
-            status_callback_method="POST",
-        )
-    except TwilioException as exc:
-        return _fail(
-            f"Twilio refused the change ({exc}); check TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN "
-            "and --number.",
-            FAILED,
-        )
-    except requests.RequestException as exc:
-        return _fail(
-            f"cannot reach Twilio's API ({exc}); check this machine's network connection "
-            "(or proxy settings) and retry.",
-            FAILED,
-        )
-    print(f"{number.phone_number}: voice URL {number.voice_url}")
-    print(f"{number.phone_number}: fallback URL {number.voice_fallback_url}")
-    print(f"{number.phone_number}: status callback {number.status_callback}")
+    for wanted in numbers:
+        try:
+            found = client.incoming_phone_numbers.list(phone_number=wanted, limit=2)
+            if not found:
+                return _fail(f"{wanted} is not a number of account {sid}.")
+            number = found[0].update(
+                voice_url=f"{base}/voice",
+                voice_method="POST",
+                voice_fallback_url=args.fallback_url or f"{base}/voice-fallback",
+                voice_fallback_method="POST",
+                status_callback=f"{base}/call-status",
+                status_callback_method="POST",
+            )
+        except TwilioException as exc:
+            return _fail(
+                f"Twilio refused the change ({exc}); check TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN "
+                "and --number.",
+                FAILED,
+            )
+        except requests.RequestException as exc:
+            return _fail(
+                f"cannot reach Twilio's API ({exc}); check this machine's network connection "
+                "(or proxy settings) and retry.",
+                FAILED,
+            )
+        print(f"{number.phone_number}: voice URL {number.voice_url}")
+        print(f"{number.phone_number}: fallback URL {number.voice_fallback_url}")
+        print(f"{number.phone_number}: status callback {number.status_callback}")
     return 0
+
+
+def _agents_numbers() -> list[str]:
+    """Every number every agent answers (AGENTS_DIR), in the agents' order."""
+    from ..config import ConfigError
+    from ..startup import load_deployment
+
+    try:
+        _, _, agents = load_deployment()
+    except ConfigError as exc:
+        for problem in exc.problems:
+            _fail(problem)
+        return []
+    return [number for agent in agents for number in agent.numbers]
 
 
 # -- ivr transcript -------------------------------------------------------------------------------

@@ -507,3 +507,76 @@ def test_ivr_call_with_an_agent_calls_its_first_number(deployment, fake_openai, 
         system == (agent_file(deployment, "soporte") / "prompts" / "system.txt").read_text().strip()
     )
     assert main(["call", "--agent", "nobody"]) == 2
+
+
+def test_configure_number_points_every_agents_numbers_at_the_app(deployment, monkeypatch, capsys):
+    import json
+    from urllib.parse import parse_qs, urlsplit
+
+    import responses
+
+    from ivr.cli.commands import main
+
+    from ..twilio_sim import ACCOUNT_SID
+
+    for name, value in deployment.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
+    numbers = f"https://api.twilio.com/2010-04-01/Accounts/{ACCOUNT_SID}/IncomingPhoneNumbers"
+    updated = {}
+
+    def listing(request):
+        (wanted,) = parse_qs(urlsplit(request.url).query)["PhoneNumber"]
+        record = {"sid": "PN" + wanted[1:].rjust(32, "0"), "phone_number": wanted}
+        page = {"incoming_phone_numbers": [record], "next_page_uri": None, "uri": "/x"}
+        return 200, {}, json.dumps(page)
+
+    def update(request):
+        fields = {k: v[0] for k, v in parse_qs(request.body).items()}
+        number = "+" + request.url.rsplit("/", 1)[1].removesuffix(".json")[2:].lstrip("0")
+        updated[number] = fields["VoiceUrl"]
+        body = {"phone_number": number, "voice_url": fields["VoiceUrl"]}
+        return 200, {}, json.dumps({**body, "voice_fallback_url": "", "status_callback": ""})
+
+    with responses.RequestsMock() as mock:
+        mock.add_callback(responses.GET, numbers + ".json", callback=listing)
+        mock.add_callback(responses.POST, re.compile(numbers + r"/PN\d+\.json"), callback=update)
+        assert main(["configure-number", "--base-url", "https://agent.example.com"]) == 0
+    assert updated == {
+        SALES: "https://agent.example.com/voice",
+        SOPORTE: "https://agent.example.com/voice",
+        "+34910000002": "https://agent.example.com/voice",
+    }
+    capsys.readouterr()
+    # Without agents and without --number there is nothing to configure: one sentence.
+    monkeypatch.setenv("AGENTS_DIR", str(Path(deployment["AGENTS_DIR"]).parent / "none"))
+    assert main(["configure-number", "--base-url", "https://agent.example.com"]) == 2
+    assert "no agent in AGENTS_DIR has a number" in capsys.readouterr().err
+
+
+def test_ivr_test_runs_each_agents_scenarios_against_that_agent(
+    deployment, monkeypatch, capsys, fake_openai, tmp_path
+):
+    from ivr.cli.commands import main
+
+    for name, value in deployment.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)  # the app's root: agents/ here, no scenarios/ of its own
+    folder = agent_file(deployment, "soporte") / "scenarios"
+    folder.mkdir()
+    (folder / "greeting.yaml").write_text(
+        "name: the support line greets in Spanish\n"
+        "steps:\n  - expect:\n      contains: soporte técnico\n      turns_at_most: 0\n",
+        encoding="utf-8",
+    )
+    assert main(["test", "--agent", "soporte"]) == 0
+    out = capsys.readouterr().out
+    assert "--- agent soporte (calls +34910000001)" in out
+    # All of them: the same scenario, found in the agent's folder, against the agent.
+    assert main(["test"]) == 0
+    assert "--- agent soporte" in capsys.readouterr().out
+    # The same expectation fails against the default agent: the number decides.
+    assert main(["test", str(folder)]) == 1
+    capsys.readouterr()
+    assert main(["test", "--agent", "sales"]) == 2  # sales has no scenarios folder
+    assert "no scenarios folder for agent sales" in capsys.readouterr().err

@@ -50,8 +50,12 @@ def run_suite(
     repeat: int = 1,
     junit: Path | None = None,
     out: Callable[[str], None] = print,
+    callee: str = "",
 ) -> bool:
-    """Run every scenario `repeat` times; True when every run passed."""
+    """Run every scenario `repeat` times; True when every run passed.
+
+    `callee` is the number the calls are placed to (an agent's); blank, the default's.
+    """
     scenarios = load_all(paths)
     if url:
         token = os.environ.get("TWILIO_AUTH_TOKEN", "")
@@ -69,7 +73,7 @@ def run_suite(
     results: list[list[Run]] = []
     try:
         for scenario in scenarios:
-            runs = [_run_once(target, scenario, n) for n in range(1, repeat + 1)]
+            runs = [_run_once(target, scenario, n, callee) for n in range(1, repeat + 1)]
             results.append(runs)
             for line in scenario_lines(runs):
                 out(line)
@@ -82,9 +86,9 @@ def run_suite(
     return all(run.passed for runs in results for run in runs)
 
 
-def _run_once(target, scenario: Scenario, number: int) -> Run:
+def _run_once(target, scenario: Scenario, number: int, callee: str = "") -> Run:
     try:
         connection = target.connect(scenario)
     except SetupError as exc:
         return Run(scenario, number, failure=Failure(None, "the scenario to start", str(exc)))
-    return ScenarioRun(scenario, connection, number).run()
+    return ScenarioRun(scenario, connection, number, callee).run()

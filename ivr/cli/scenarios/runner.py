@@ -82,9 +82,12 @@ class Turn:
 class ScenarioRun:
     """Drives one call through a scenario's steps; `run()` returns the Run."""
 
-    def __init__(self, scenario: Scenario, connection: Connection, number: int = 1):
+    def __init__(
+        self, scenario: Scenario, connection: Connection, number: int = 1, callee: str = ""
+    ):
         self.scenario = scenario
         self.connection = connection
+        self.callee = callee  # the number called: an agent's (agents/NAME/), or the default
         self.result = Run(scenario, number, notes=list(connection.notes))
         self.steps = list(scenario.steps)
         self.pending: Step | None = None  # a caller step whose expectations await the answer
@@ -103,6 +106,7 @@ class ScenarioRun:
             read_line=self._caller_turn,
             write=lambda line: None,
             on_agent=self.heard.append,
+            **({"callee": self.callee} if self.callee else {}),
         )
         self.summary = simulator.summary
         self.result.call_sid = simulator.sid
