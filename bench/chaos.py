@@ -34,7 +34,8 @@ started again) once. At the end, after reports have had time to arrive:
 - error lines heard: what the agent said that is an error line of the
   prompt files (prompts/apology.txt, prompts/error.txt);
 - failed webhooks: anything Twilio would answer with its application error
-  (an HTTP error, invalid TwiML, no answer in 15 s, a connection broken);
+  (an HTTP error, invalid TwiML, no answer in 15 s, a connection broken),
+  and of them the invalid TwiML;
 - error lines in the instances' logs, and the slowest webhook.
 """
 
@@ -75,6 +76,8 @@ from tests.fakes.webhook_receiver import SECRET, WebhookReceiver  # noqa: E402
 TOKEN = "bench-auth-token"
 PUBLIC = "https://ivr.chaos.invalid"  # the origin Twilio signs; the router maps it to instances
 WORDS = "apple river copper lantern meadow violet harbor pepper canyon falcon".split()
+# How ivr/cli/simulator.py's validate_twiml words what Twilio would reject.
+INVALID_TWIML = ("invalid XML", "not <Response>", "unknown verb", "may not contain", "SIP URI")
 REPORT_WAIT_SECONDS = 60.0  # reports retry with backoff: give them time after the run
 
 
@@ -337,7 +340,7 @@ def caller(index: int, router: Router, tally: Tally, deadline: float, max_calls:
             if hung_up:
                 tally.hung_up.append(sim.sid)
             if failure:
-                tally.failed.append(failure)
+                tally.failed.append(f"{sim.sid}: {failure}")
             for path, seconds in sim.summary.webhooks:
                 tally.webhooks += 1
                 if seconds > tally.slowest[0]:
@@ -493,11 +496,16 @@ def main() -> None:
     print(f"  calls                 {tally.calls}")
     print(f"  webhooks              {tally.webhooks}")
     print(f"  caller turns          {said}")
-    print(f"  lost words            {len(lost_words)}")
+    # A call whose webhook broke (a killed worker) may lose the words that webhook carried.
+    failed_calls = {f.split(":", 1)[0] for f in tally.failed}
+    in_failed = sum(1 for w in lost_words if w.split(":", 1)[0] in failed_calls)
+    print(f"  lost words            {len(lost_words)} ({in_failed} in calls with a failed webhook)")
     print(f"  lost reports          {len(lost_reports)} of {len(tally.hung_up)} hung-up calls")
     heard = ", ".join(f"{n} x {name}" for name, n in sorted(tally.heard.items())) or "none"
     print(f"  error lines heard     {heard}")
+    invalid = [f for f in tally.failed if any(m in f for m in INVALID_TWIML)]
     print(f"  failed webhooks       {len(tally.failed)}")
+    print(f"  invalid TwiML         {len(invalid)}")
     print(f"  error lines in logs   {error_count}")
     print(f"  slowest webhook       {tally.slowest[0]:.2f} s ({tally.slowest[1]})")
     for line in lost_words[:5] + lost_reports[:5] + tally.failed[:10] + error_sample[:10]:
