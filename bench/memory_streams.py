@@ -12,6 +12,16 @@ streams of `--seconds` each (bench/twilio_load.py: speech, answers,
 barge-ins), and the figures are taken again once they have all ended.
 Reported: resident set size, live objects (after a garbage collection),
 threads and greenlets, and the object types that grew the most.
+
+    scripts/bench memory_streams --streams 400 --every 100   # a row every 100 streams
+    scripts/bench memory_streams --streams 100 --trace 8     # where the growth was allocated
+
+`--every N` takes the figures after every N streams as well, to tell a
+one-time growth (flat after the first rows) from a per-stream one (rising
+with every row). `--trace FRAMES` has the worker trace its allocations
+(tracemalloc, FRAMES deep: slower, more memory) and prints the source files
+and allocation sites that grew the most between the first and the last
+figures. The modules first imported after the warm-up are always printed.
 """
 
 from __future__ import annotations
@@ -55,9 +65,48 @@ def streams(ws_url: str, count: int, seconds: float, tmp: Path) -> int:
     return len(json.loads(out.read_text())["dropped"])
 
 
-def snapshot(url: str) -> dict:
+def snapshot(url: str, dump: Path | None = None) -> dict:
     time.sleep(SETTLE)
-    return requests.get(url + "/bench/memory", timeout=120).json()
+    params = {"dump": str(dump)} if dump else {}
+    return requests.get(url + "/bench/memory", params=params, timeout=300).json()
+
+
+def row(label: str, figures: dict) -> str:
+    return (
+        f"  {label:>12}  RSS {figures['rss_kb'] / 1024:7.1f} MB  objects {figures['objects']:8d}"
+        f"  threads {figures['threads']}  greenlets {figures['greenlets']}"
+    )
+
+
+def grown_sites(before: Path, after: Path, top: int = 12) -> list[str]:
+    """The allocation sites whose live memory grew the most, innermost app frame first."""
+    import tracemalloc
+
+    ignore = [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<*")]
+    old = tracemalloc.Snapshot.load(str(before)).filter_traces(ignore)
+    new = tracemalloc.Snapshot.load(str(after)).filter_traces(ignore)
+    lines = []
+    by_file = [s for s in new.compare_to(old, "filename") if s.size_diff > 0][:top]
+    for stat in by_file:
+        where = _short(stat.traceback[0].filename)
+        lines.append(f"  +{stat.size_diff / 1024:8.1f} KB {stat.count_diff:+7d} blocks  {where}")
+    lines.append("  by allocation site:")
+    for stat in new.compare_to(old, "traceback")[:top]:
+        if stat.size_diff <= 0:
+            break
+        frames = [f"{_short(f.filename)}:{f.lineno}" for f in stat.traceback]
+        lines.append(
+            f"  +{stat.size_diff / 1024:8.1f} KB {stat.count_diff:+7d} blocks  "
+            + " <- ".join(reversed(frames[-6:]))
+        )
+    return lines
+
+
+def _short(filename: str) -> str:
+    for marker in ("site-packages/", str(ROOT) + "/", "/lib/python"):
+        if marker in filename:
+            return filename.split(marker, 1)[1]
+    return filename
 
 
 def main() -> None:
@@ -65,7 +114,12 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=300)
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--warmup", type=int, help="streams in the warm-up (default: one batch)")
+    parser.add_argument("--every", type=int, help="also take the figures every N streams")
+    parser.add_argument("--trace", type=int, metavar="FRAMES", help="trace allocations")
     args = parser.parse_args()
+    warmup = args.warmup if args.warmup is not None else min(args.batch, args.streams)
+    rows: list[tuple[str, dict]] = []
 
     svc = Services()
     try:
@@ -81,28 +135,45 @@ def main() -> None:
             )
         )
         time.sleep(0.5)
+        trace = {"BENCH_TRACEMALLOC": str(args.trace)} if args.trace else {}
         url = svc.gunicorn(
             "bench.memory_app:app",
             workers=1,
-            extra=["--worker-class", "gevent"],
-            env=streaming_env(fake_port),
+            # Tracing slows the worker down: give the snapshot route time.
+            extra=["--worker-class", "gevent", *(["--timeout", "300"] if trace else [])],
+            env={**streaming_env(fake_port), **trace},
         )
         ws_url = url.replace("http://", "ws://") + "/media-stream"
-        dropped = streams(ws_url, min(args.batch, args.streams), args.seconds, svc.tmp)  # warm-up
-        before = snapshot(url)
+        dropped = 0
+        done = 0
+        while done < warmup:
+            count = min(args.batch, warmup - done)
+            dropped += streams(ws_url, count, args.seconds, svc.tmp)
+            done += count
+        first_dump = svc.tmp / "before.tracemalloc" if trace else None
+        before = snapshot(url, first_dump)
+        rows.append(("warm-up", before))
         done = 0
         while done < args.streams:
             count = min(args.batch, args.streams - done)
             dropped += streams(ws_url, count, args.seconds, svc.tmp)
             done += count
-        after = snapshot(url)
+            if args.every and done % args.every == 0 and done < args.streams:
+                rows.append((f"{done} streams", snapshot(url)))
+        last_dump = svc.tmp / "after.tracemalloc" if trace else None
+        after = snapshot(url, last_dump)
+        rows.append((f"{done} streams", after))
+        sites = grown_sites(first_dump, last_dump) if trace else []
     finally:
         svc.close()
 
     print(
-        f"{args.streams} streams after a warm-up, {args.batch} at a time, {args.seconds:g} s each,"
-        " gunicorn 1 x gevent"
+        f"{args.streams} streams after a warm-up of {warmup}, {args.batch} at a time,"
+        f" {args.seconds:g} s each, gunicorn 1 x gevent"
     )
+    if args.every:
+        for label, figures in rows:
+            print(row(label, figures))
     print(f"  RSS        {before['rss_kb'] / 1024:8.1f} MB -> {after['rss_kb'] / 1024:8.1f} MB")
     print(f"  objects    {before['objects']:8d}    -> {after['objects']:8d}")
     print(f"  threads    {before['threads']:8d}    -> {after['threads']:8d}")
@@ -113,6 +184,19 @@ def main() -> None:
     )
     grown = [f"{t} +{d}" for d, t in growth[:6] if d > 0]
     print("  grew most  " + (", ".join(grown) if grown else "nothing"))
+    fgrowth = sorted(
+        ((n - before["functions"].get(m, 0), m) for m, n in after["functions"].items()),
+        reverse=True,
+    )
+    fgrown = [f"{m} +{d}" for d, m in fgrowth[:8] if d > 0]
+    print("  functions  " + (", ".join(fgrown) if fgrown else "no growth") + " (by module)")
+    imported = sorted(set(after["modules"]) - set(before["modules"]))
+    print(f"  imported   {len(imported)} modules after the warm-up")
+    for group in range(0, len(imported), 6):
+        print("             " + " ".join(imported[group : group + 6]))
+    if sites:
+        print("  files and allocation sites that grew the most (innermost first):")
+        print("\n".join(sites))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 
     python bench/twilio_load.py URL AUTH_TOKEN STREAMS SECONDS RESULTS.json
 
-Each stream connects to URL with a signed handshake, sends `connected` and
-`start`, then a 20 ms mu-law frame every 20 ms in real time: speech for 1 s,
+Each stream's call is first answered the way Twilio starts one: a signed
+POST /voice (which makes the call live in stream mode), whose
+<Connect><Stream> carries the call's stream token. The stream then connects
+to URL with a signed handshake, sends `connected` and `start` (with that
+token), then a 20 ms mu-law frame every 20 ms in real time: speech for 1 s,
 silence for 1.5 s, over and over. The fake model answers each turn with 3 s
 of audio, so the next burst of speech cuts into the answer: one barge-in
 per 2.5 s cycle, each stream at its own phase of the cycle. Audio sent to
@@ -17,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import secrets
 import struct
 import sys
 import time
+import xml.etree.ElementTree as ET
 
 from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import connect
@@ -33,6 +38,28 @@ CYCLE = [SPEECH] * 50 + [SILENCE] * 75  # 1 s speech, 1.5 s silence
 m2c: list[tuple[float, float]] = []
 clears: dict[int, list[float]] = {}
 dropped: list[str] = []
+# Every run's calls are new calls: the app admits one stream per live call.
+RUN = secrets.token_hex(6)
+
+
+def answer_call(url: str, token: str, call_sid: str) -> dict:
+    """POST /voice as Twilio does; returns the <Stream>'s parameters (its stream token)."""
+    import requests
+
+    voice = url.replace("ws://", "http://").replace("wss://", "https://").rsplit("/", 1)[0]
+    voice += "/voice"
+    params = {
+        "CallSid": call_sid,
+        "AccountSid": "AC" + "0" * 32,
+        "From": "+15550100000",
+        "To": "+15550100001",
+        "CallStatus": "ringing",
+        "Direction": "inbound",
+    }
+    signature = RequestValidator(token).compute_signature(voice, params)
+    answer = requests.post(voice, data=params, headers={"X-Twilio-Signature": signature})
+    answer.raise_for_status()
+    return {p.get("name"): p.get("value") for p in ET.fromstring(answer.content).iter("Parameter")}
 
 
 class Stream:
@@ -41,13 +68,15 @@ class Stream:
         # Callers are independent: each stream starts at another point of the
         # speech/silence cycle, so barge-ins do not all land in the same 20 ms.
         self.phase = index * len(CYCLE) // count
-        self.sid = f"MZ{index:032x}"
+        self.sid = f"MZ{RUN}{index:020x}"
+        self.call_sid = f"CA{RUN}{index:020x}"
         self.ws = None
         self.buffer_end = 0.0
         self.due: list[tuple[float, str]] = []
         self.alive = False
 
     async def open(self, url: str, token: str) -> None:
+        parameters = await asyncio.to_thread(answer_call, url, token, self.call_sid)
         signature = RequestValidator(token).compute_signature(url, {})
         self.ws = await connect(
             url,
@@ -66,9 +95,9 @@ class Stream:
                     "streamSid": self.sid,
                     "start": {
                         "streamSid": self.sid,
-                        "callSid": f"CA{self.index:032x}",
+                        "callSid": self.call_sid,
                         "tracks": ["inbound"],
-                        "customParameters": {},
+                        "customParameters": parameters,
                     },
                 }
             )
