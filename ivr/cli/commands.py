@@ -11,6 +11,9 @@ from pathlib import Path
 
 from .. import __version__
 from ..envfile import load_env_file
+from . import dial, numbers, suite
+from .output import FAILED, INTERRUPTED, OK, USAGE
+from .output import fail as _fail
 from .simulator import INPUT_HELP, Simulator, TwilioWouldFail, in_process, over_http
 
 EXIT_CODES = """\
@@ -20,10 +23,6 @@ exit codes:
        the language model) could not be reached or refused
   2    usage or configuration: bad arguments or settings, unknown call or number
   130  interrupted (Ctrl-C)"""
-
-# Expected failures a command reports in one line; anything else is a bug and
-# keeps its traceback.
-OK, FAILED, USAGE, INTERRUPTED = 0, 1, 2, 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     dial.add_argument(
         "--csv", type=Path, help="a CSV file: a `to` column, every other column a variable"
     )
-    _add_test_command(commands)
+    suite.add_command(commands, EXIT_CODES)
     return parser
 
 
@@ -137,12 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     load_env_file()  # .env in the working directory, under the environment's own settings
     handlers = {
-        "test": _test,
+        "test": suite.run,
         "call": _call,
         "check": _check,
-        "configure-number": _configure_number,
+        "configure-number": numbers.configure_number,
         "transcript": _transcript,
-        "dial": _dial,
+        "dial": dial.dial,
     }
     try:
         return handlers[args.command](args)
@@ -162,11 +161,6 @@ def _agent_number(name: str) -> str | None:
         return None  # the call itself then says what is wrong with the settings
     agent = agents.named.get(name)
     return agent.numbers[0] if agent and agent.numbers else None
-
-
-def _fail(message: str, code: int = USAGE) -> int:
-    print(f"ivr: {message}", file=sys.stderr)
-    return code
 
 
 # -- ivr call ---------------------------------------------------------------------------------
@@ -244,98 +238,6 @@ def _call(args) -> int:
     return 0
 
 
-# -- ivr test ---------------------------------------------------------------------------------
-
-
-def _add_test_command(commands) -> None:
-    test = commands.add_parser(
-        "test",
-        help="run the conversation tests in scenarios/",
-        description="Run scenario files (YAML): a scripted caller, and what the agent must "
-        "say and do. Exits 0 only when every run passes.",
-        epilog=EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    test.add_argument(
-        "paths", nargs="*", metavar="PATH", help="scenario files or folders (default: scenarios/)"
-    )
-    test.add_argument("--url", help="test a deployment at this base URL (default: in-process)")
-    test.add_argument("--junit", metavar="FILE", help="also write the results as JUnit XML")
-    test.add_argument(
-        "--repeat", type=int, default=1, metavar="N", help="run each scenario N times (pass rate)"
-    )
-    test.add_argument(
-        "--agent",
-        default="",
-        help="run agents/NAME/scenarios/ against that agent (default: scenarios/, then every "
-        "agent's own)",
-    )
-
-
-def _test(args) -> int:
-    from pathlib import Path
-
-    from .scenarios import SuiteError, run_suite
-
-    if args.repeat < 1:
-        return _fail("--repeat must be 1 or more.")
-    groups = _scenario_groups(args)
-    if isinstance(groups, str):
-        return _fail(groups)
-    passed = True
-    for name, paths, callee in groups:
-        if name:
-            print(f"--- agent {name} (calls {callee})")
-        junit = Path(args.junit) if args.junit else None
-        if junit and name and len(groups) > 1:  # one file per agent, beside the default's
-            junit = junit.with_name(f"{junit.stem}-{name}{junit.suffix}")
-        try:
-            passed = (
-                run_suite(paths, url=args.url, repeat=args.repeat, junit=junit, callee=callee)
-                and passed
-            )
-        except SuiteError as exc:
-            return _fail(str(exc).replace("\n", "\nivr: "))  # one line per problem
-    return 0 if passed else 1
-
-
-def _scenario_groups(args) -> list[tuple[str, list[str], str]] | str:
-    """(agent name or "", scenario paths, number to call) for each group to run, or why not.
-
-    `--agent NAME`: agents/NAME/scenarios/ (or the PATHs) against that agent's first number.
-    Otherwise the PATHs, or scenarios/ and then every agent's own scenarios/ folder.
-    """
-    from pathlib import Path
-
-    from ..config import ConfigError
-    from ..startup import load_deployment
-
-    try:
-        _, _, agents = load_deployment()
-    except ConfigError:
-        agents = None  # the suite itself then says what is wrong with the settings
-    named = agents.named if agents else {}
-    if args.agent:
-        agent = named.get(args.agent)
-        if agent is None or not agent.numbers:
-            return f"no agent called {args.agent!r} with a number in AGENTS_DIR."
-        folder = agent.folder / "scenarios"
-        paths = args.paths or [str(folder)]
-        if not args.paths and not folder.is_dir():
-            return f"no scenarios folder for agent {args.agent}: {folder}"
-        return [(agent.name, paths, agent.numbers[0])]
-    if args.paths:
-        return [("", args.paths, "")]
-    groups = [("", ["scenarios"], "")] if Path("scenarios").is_dir() else []
-    for agent in named.values():
-        folder = agent.folder / "scenarios" if agent.folder else None
-        if folder and folder.is_dir() and agent.numbers:
-            groups.append((agent.name, [str(folder)], agent.numbers[0]))
-    if not groups:
-        return "no scenarios/ folder here: run `ivr test` from the app's root, or name the files."
-    return groups
-
-
 # -- ivr check --------------------------------------------------------------------------------
 
 
@@ -354,157 +256,6 @@ def _check(args) -> int:
         ready = ready and check.ok
     print("ready to answer calls" if ready else "not ready: fix the FAILED items above")
     return OK if ready else FAILED
-
-
-# -- ivr dial --------------------------------------------------------------------------------
-
-
-def _dial(args) -> int:
-    from redis.exceptions import RedisError
-
-    from ..config import ConfigError, load_settings
-    from ..services import build_redis, outbound_missing
-    from ..store.calls import CallStore
-    from ..store.outbound import OutboundError, OutboundQueue, parse_request
-
-    try:
-        bodies = _dial_bodies(args)
-        requests_ = [parse_request(body) for body in bodies]
-    except (OutboundError, ValueError) as exc:
-        where = getattr(exc, "row", "")
-        return _fail(f"{where}{exc}")
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        return _fail(" ".join(exc.problems))
-    missing = outbound_missing(settings)
-    if missing:
-        return _fail(missing[0])
-    if not settings.redis_url:
-        return _fail("REDIS_URL is not set: calls are queued in the app's Redis.")
-    client = build_redis(settings.redis_url, settings.redis_cluster)
-    store = CallStore(client, history_max=1, ttl=60, retention=settings.transcript_retention)
-    queue = OutboundQueue(
-        store,
-        caller_id=settings.outbound_caller_id,
-        per_second=settings.outbound_calls_per_second,
-        max_active=settings.outbound_max_active,
-        max_call_seconds=settings.max_call_seconds,
-    )
-    try:
-        for request in requests_:
-            print(f"{queue.enqueue(request)} queued {request.to}")
-    except RedisError as exc:
-        return _fail(f"cannot queue in Redis at REDIS_URL ({exc}).", FAILED)
-    finally:
-        client.close()
-    return OK
-
-
-def _dial_bodies(args) -> list[dict]:
-    """The calls asked for, as API bodies: one from NUMBER and --var, or one per CSV row."""
-    import csv
-
-    from ..store.outbound import OutboundError, parse_request
-
-    if bool(args.number) == bool(args.csv):
-        raise ValueError("Give a NUMBER or --csv FILE, not both or neither.")
-    if args.number:
-        variables = {}
-        for pair in args.var:
-            name, sep, value = pair.partition("=")
-            if not sep:
-                raise ValueError(f"--var takes NAME=VALUE, not {pair!r}.")
-            variables[name] = value
-        return [{"to": args.number, "variables": variables, "agent": args.agent}]
-    try:
-        with args.csv.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-    except OSError as exc:
-        raise ValueError(f"cannot read {args.csv}: {exc.strerror}.") from exc
-    if not rows or "to" not in rows[0]:
-        raise ValueError(f"{args.csv} needs a header row with a `to` column.")
-    bodies = []
-    for number, row in enumerate(rows, start=2):  # line 1 is the header
-        body = {
-            "to": (row.pop("to") or "").strip(),
-            "variables": {k: v for k, v in row.items() if k is not None},
-            "agent": args.agent,
-        }
-        try:
-            parse_request(body)
-        except OutboundError as exc:
-            exc.row = f"{args.csv} line {number}: "
-            raise
-        bodies.append(body)
-    return bodies
-
-
-# -- ivr configure-number ----------------------------------------------------------------------
-
-
-def _configure_number(args) -> int:
-    import requests
-    from twilio.base.exceptions import TwilioException
-    from twilio.rest import Client
-
-    sid, token = os.environ.get("TWILIO_ACCOUNT_SID"), os.environ.get("TWILIO_AUTH_TOKEN")
-    if not (sid and token):
-        return _fail("TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN must be set to change a number.")
-    numbers = [args.number] if args.number else _agents_numbers()
-    if not numbers:
-        return _fail("no --number given, and no agent in AGENTS_DIR has a number.")
-    base = args.base_url.rstrip("/")
-    if not base.startswith("https://"):
-        print(
-            "warning: Twilio should reach the app over https; signatures are checked "
-            "against the URL Twilio calls",
-            file=sys.stderr,
-        )
-    client = Client(sid, token)
-    for wanted in numbers:
-        try:
-            found = client.incoming_phone_numbers.list(phone_number=wanted, limit=2)
-            if not found:
-                return _fail(f"{wanted} is not a number of account {sid}.")
-            number = found[0].update(
-                voice_url=f"{base}/voice",
-                voice_method="POST",
-                voice_fallback_url=args.fallback_url or f"{base}/voice-fallback",
-                voice_fallback_method="POST",
-                status_callback=f"{base}/call-status",
-                status_callback_method="POST",
-            )
-        except TwilioException as exc:
-            return _fail(
-                f"Twilio refused the change ({exc}); check TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN "
-                "and --number.",
-                FAILED,
-            )
-        except requests.RequestException as exc:
-            return _fail(
-                f"cannot reach Twilio's API ({exc}); check this machine's network connection "
-                "(or proxy settings) and retry.",
-                FAILED,
-            )
-        print(f"{number.phone_number}: voice URL {number.voice_url}")
-        print(f"{number.phone_number}: fallback URL {number.voice_fallback_url}")
-        print(f"{number.phone_number}: status callback {number.status_callback}")
-    return 0
-
-
-def _agents_numbers() -> list[str]:
-    """Every number every agent answers (AGENTS_DIR), in the agents' order."""
-    from ..config import ConfigError
-    from ..startup import load_deployment
-
-    try:
-        _, _, agents = load_deployment()
-    except ConfigError as exc:
-        for problem in exc.problems:
-            _fail(problem)
-        return []
-    return [number for agent in agents for number in agent.numbers]
 
 
 # -- ivr transcript -------------------------------------------------------------------------------
