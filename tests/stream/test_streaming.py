@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from ivr import create_app
 from ivr.telephony.stream_token import stream_token
@@ -461,7 +462,10 @@ def test_a_reused_handshake_naming_a_victims_call_is_closed_with_nothing_written
     forged = {"from": "+15550009999"} | ({"stream_token": token} if token else {})
     # The handshake's signature is the same for every call: it is reused as is.
     attacker = open_stream(live, sid=victim.sid, parameters=forged)
-    attacker.press("0")  # a transfer exit, if this stream were the victim's
+    try:
+        attacker.press("0")  # a transfer exit, if this stream were the victim's
+    except ConnectionClosed:
+        pass  # refused at its start before the key went out (a busy machine's order)
     assert attacker.wait_closed(timeout=5)
     attacker.close()
     assert _call_keys(redis, victim.sid) == before
