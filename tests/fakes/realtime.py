@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import pydantic
 from openai.types.realtime import RealtimeServerEvent
+from simple_websocket import ConnectionClosed
 
 from . import mulaw
 
@@ -85,6 +86,14 @@ class RealtimeSession:
             self.log.append({"at": time.monotonic(), **entry})
 
     def run(self) -> None:
+        try:
+            self._serve()
+        except ConnectionClosed:
+            # Noted, so a test can wait for the relay to close the session.
+            self.note({"type": "fake.closed_by_client"})
+            raise
+
+    def _serve(self) -> None:
         self.send({"type": "session.created", "session": {"type": "realtime", "model": self.model}})
         while True:
             if (

@@ -28,7 +28,11 @@ class WebhookReceiver:
         self.attempts: list[dict] = []  # every request, verified or not
         self.messages: dict[str, dict] = {}  # webhook-id -> the report, once
         self.accepted: list[str] = []  # the webhook-id of every request answered 2xx
+        # Requests after this many are held open, unanswered, until stop(): the
+        # sender waits on one, so how many attempts it made is known.
+        self.hold_after: int | None = None
         self._lock = threading.Lock()
+        self._release = threading.Event()
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self.server = make_server("127.0.0.1", 0, self._app(), threaded=True)
         self.url = f"http://127.0.0.1:{self.server.server_port}/hooks/calls"
@@ -39,6 +43,7 @@ class WebhookReceiver:
         return self
 
     def stop(self) -> None:
+        self._release.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -63,6 +68,11 @@ class WebhookReceiver:
                 )
                 if not verified:
                     return "bad signature", 401
+                held = self.hold_after is not None and len(self.attempts) > self.hold_after
+            if held:
+                self._release.wait()
+                return "down", 503
+            with self._lock:
                 if self.status >= 400:
                     return "down", self.status
                 # Retries carry the same webhook-id: a receiver keeps the first.

@@ -244,6 +244,10 @@ def test_reports_survive_a_receiver_outage_across_an_app_restart(
 ):
     receiver = WebhookReceiver().start()
     receiver.status = 503
+    # Six refusals, then silence: the sender waits on its seventh attempt
+    # until the kill, so the attempts made (and each report's next due time,
+    # which grows fourfold per attempt) do not depend on how soon the kill comes.
+    receiver.hold_after = 6
     env = {
         **gunicorn_env,
         "END_OF_CALL_WEBHOOK_URL": receiver.url,
@@ -267,16 +271,20 @@ def test_reports_survive_a_receiver_outage_across_an_app_restart(
                 )
                 assert ended.status_code == 204
             # Every report was tried and refused, more than once.
-            assert wait_for(lambda: len(receiver.attempts) >= 2 * len(sids), timeout=10)
+            assert wait_for(lambda: len(receiver.attempts) > receiver.hold_after, timeout=10)
+            assert len(receiver.attempts) >= 2 * len(sids)
         finally:
             # The dyno dies while the receiver is still down: nothing in its memory
             # survives. (Killed, not stopped: a stop would let the sender go on
             # retrying through gunicorn's grace period, pushing the next attempts
             # past what this test waits for.)
             _kill(server)
+        receiver.hold_after = None
         receiver.status = 200
         server = start_gunicorn(env, port, tmp_path / "after.log")
         try:
+            # The held report falls due when the dead sender's lease (15 s) ends;
+            # the others after at most six refusals' backoff (10 s at 0.01 s).
             assert wait_for(lambda: len(receiver.reports()) == len(sids), timeout=30)
         finally:
             _stop(server)

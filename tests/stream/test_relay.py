@@ -352,12 +352,24 @@ def test_a_model_socket_that_fails_on_send_is_a_lost_model(rig):
     def broken(raw):
         raise ConnectionError("socket closed")
 
+    counted_at_close = []
+    close = rig.twilio.close
+
+    def closing():
+        counted_at_close.append(len(rig.failures))
+        close()
+
     rig.model.send_raw = broken
+    rig.twilio.close = closing
     rig.twilio.push({"event": "media", "streamSid": STREAM, "media": {"payload": "AAAA"}})
     rig.thread.join(timeout=5)
+    assert not rig.thread.is_alive()
     assert rig.relay.outcome == "model-lost"
     assert rig.twilio.closed.is_set()
     assert len(rig.failures) == 1
+    # The writer thread records the failure; the relay waits for it before it
+    # closes Twilio's socket, whose <Connect action> then reads the breaker.
+    assert counted_at_close[0] == 1
 
 
 def _creates(rig) -> list[dict]:

@@ -202,8 +202,22 @@ def test_the_relay_reads_the_model_socket_itself_once_open(open_model):
     model.close()
 
 
+def handed_over(model) -> bool:
+    """Wait for the handover to be decided, then tell the server it may send.
+
+    A server that sends at once can have its frames share a TCP segment with
+    the 101 response; when those are a fragment or a close, the library keeps
+    reading (the parametrized test below covers that). These tests are about
+    the relay reading the socket itself, so the server waits for this word.
+    """
+    decided = model._ws.decided.wait(5) and model._ws.handed_over
+    model.send_raw('{"type":"ready"}')
+    return decided
+
+
 def test_model_pings_are_answered_and_fragmented_events_arrive_whole(open_model):
     def pinger(ws, seen):
+        ws.recv()  # the client has handed over: what follows is read by the relay
         pong = ws.ping(b"still there?")
         ws.send(['{"type":"response.', 'output_audio.delta"}'])  # one message in two frames
         seen.append(pong.wait(5))
@@ -211,6 +225,7 @@ def test_model_pings_are_answered_and_fragmented_events_arrive_whole(open_model)
         ws.recv()
 
     model, server = open_model(pinger)
+    assert handed_over(model)
     assert json.loads(model.recv_bytes()) == {"type": "response.output_audio.delta"}
     assert json.loads(model.recv_bytes()) == {"type": "after-ping"}
     assert model._ws.handed_over
@@ -220,11 +235,13 @@ def test_model_pings_are_answered_and_fragmented_events_arrive_whole(open_model)
 
 def test_a_model_closing_ends_the_receive_and_gets_its_close_answered(open_model):
     def closer(ws, seen):
+        ws.recv()  # the client has handed over: the close is read by the relay
         ws.send('{"type":"session.created"}')
         ws.close(1011, "server going away")
         seen.append(ws.protocol.close_rcvd)
 
     model, server = open_model(closer)
+    assert handed_over(model)
     assert json.loads(model.recv_bytes()) == {"type": "session.created"}
     with pytest.raises(ConnectionError):
         model.recv_bytes()
