@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import redis
 
@@ -26,33 +25,22 @@ from ..config import WEBHOOK_ANSWER_SECONDS, Settings
 from ..store import calllog
 from ..store.backlog import Backlog
 from ..store.calls import CallStore, TurnRecord
-from ..telephony import twiml
 from . import budget
 from .claims import Leases
 from .hold import Hold
+from .replay import ReplayProtection
+from .results import Heard
 from .speculation import Speculation
 
 log = logging.getLogger(__name__)
 
 
-# How often a repeated delivery looks for the first delivery's stored answer.
-REPLAY_POLL_SECONDS = 0.1
 # The LLM's answer comes this long before the webhook must answer: rendering and
 # the writes that fit take no more, and those that do not wait in the backlog.
 ANSWER_MARGIN = 0.5
 
 
-@dataclass(frozen=True)
-class Heard:
-    """What Twilio's Gather heard in one turn."""
-
-    speech: str = ""
-    confidence: float | None = None
-    digits: str = ""
-    caller: str = ""
-
-
-class Conversation:
+class Conversation(ReplayProtection):
     def __init__(
         self,
         store: CallStore,
@@ -198,43 +186,6 @@ class Conversation:
         if self.reports and not self.store.is_reported(sid):
             self.reports.enqueue(sid)
             self.store.mark_reported(sid)  # only once the report is durably queued
-
-    # -- replay protection ----------------------------------------------------------
-
-    def _claim_or_replay(self, sid: str, turn: int, started: float) -> dict | None:
-        """None when this delivery owns the turn; else the answer to replay.
-
-        A repeated delivery waits for the first one's answer while that one's
-        worker is alive; when its claim lapses (the worker died) or is given
-        back (it failed), this delivery claims the turn and answers it. Past
-        HOLD_AFTER_SECONDS it says a hold line and goes on waiting at /turn-wait.
-        """
-        settings = self.settings
-        deadline = started + (settings.hold_after or settings.llm_deadline)
-        owner = self.leases.claimant()
-        while True:
-            stored, claimed = self._safely(
-                sid,
-                "begin turn",
-                lambda: self.store.begin_turn(sid, turn, owner, self.leases.lease_ms),
-                (None, True),  # Redis down: answer without replay protection
-            )
-            if stored:
-                return stored
-            if claimed:
-                self.leases.hold(*self.store.claim_keys(sid, turn))
-                return None
-            if time.monotonic() + REPLAY_POLL_SECONDS >= deadline:
-                if settings.hold_after:
-                    return self.hold.hold_line(sid, turn)
-                return {"kind": "error", "text": self.prompts.line("error"), "next": turn + 1}
-            time.sleep(REPLAY_POLL_SECONDS)
-
-    def _next_turn(self, sid: str, turn: int | None) -> int | None:
-        """The number for the next Gather: every Gather has one, so replays are caught."""
-        if turn:
-            return turn + 1
-        return self._safely(sid, "number a turn", lambda: self.store.fresh_turn(sid))
 
     # -- the turn -------------------------------------------------------------------
 
@@ -426,14 +377,3 @@ class Conversation:
         except redis.RedisError as exc:
             log.error("call %s: Redis failed during %s: %s", sid, what, exc)
             return default
-
-
-def render_result(result: dict, settings: Settings, agent: str = ""):
-    """The TwiML for a turn's result; `agent` names a non-default agent in its URLs."""
-    if result["kind"] in ("goodbye", "end"):
-        return twiml.goodbye(result["text"], settings)
-    if result["kind"] == "transfer":
-        return twiml.transfer(result["text"], result["number"], settings)
-    if result["kind"] == "hold":
-        return twiml.hold(result["text"], result["next"], result["wait"], settings, agent=agent)
-    return twiml.gather_turn(result["text"], result.get("next"), settings, agent=agent)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from ..store.calllog import StreamTimings
 from ..store.calls import CallStore
+from .admission import Admitting
 from .model_events import ModelEvents
 from .playback import Playback
 from .twilio_side import TwilioSide, close_quietly
@@ -48,10 +49,6 @@ HISTORY_WAIT = 0.5  # how long the greeting waits for the call's history from Re
 # How long the stream's last writes may hold its close: the <Connect action>
 # that Twilio requests at once reads them (the history, the breaker's count).
 DRAIN_SECONDS = 1.5
-# How long a start with a valid token waits for Redis to confirm the call is live
-# and this is its one stream; past it (Redis slow or down) the token alone admits
-# it, so a Redis fault never holds the audio. A later "no" still ends the stream.
-ADMIT_WAIT = 0.25
 
 
 class ModelUnavailable(Exception):
@@ -70,7 +67,7 @@ class RelayConfig:
     tools: list = field(default_factory=list)  # realtime function definitions
 
 
-class Relay(TwilioSide, ModelEvents):
+class Relay(Admitting, TwilioSide, ModelEvents):
     def __init__(
         self,
         twilio,
@@ -193,58 +190,6 @@ class Relay(TwilioSide, ModelEvents):
         finally:
             self._shutdown()
         return self.outcome
-
-    # -- admission ----------------------------------------------------------------------
-
-    def _on_start(self, start: dict) -> None:
-        """Twilio's `start`: the stream names its call. Checked before anything else."""
-        if self.stream_sid:
-            return  # one start per stream: a second cannot move it to another call
-        call_sid = start.get("callSid") or ""
-        parameters = start.get("customParameters") or {}
-        if not (start.get("streamSid") and self.admission.token_ok(call_sid, parameters)):
-            self._refuse("a start without the stream token of its CallSid")
-            return
-        self.stream_sid = start["streamSid"]
-        self.call_sid, self.custom = call_sid, parameters
-        self.writer.call_sid = call_sid
-        self._started_at = self.clock()
-        self._start_seen.set()  # the call's agent (per_call) is known from here
-        threading.Thread(target=self._claim_then_load, daemon=True, name="admission").start()
-
-    def _claim_then_load(self) -> None:
-        try:
-            self._claim = self.admission.claim(self.call_sid, self.stream_sid)
-        except Exception as exc:  # Redis down: the token alone admits (see ADMIT_WAIT)
-            log.error("call %s: stream claim unavailable: %s", self.call_sid, exc)
-        finally:
-            self._claim_answered.set()
-        if self._claim is False:
-            self._refuse("not live in stream mode, or it has a stream already")
-            return
-        self._load_history()
-
-    def _may_admit(self) -> bool:
-        if self._claim_answered.is_set():
-            return self._claim is not False
-        if self.clock() > self._started_at + ADMIT_WAIT:
-            log.warning("call %s: Redis slow; stream admitted on its token", self.call_sid)
-            return True
-        return False
-
-    def _admit(self) -> None:
-        self._admitted = True
-        self._connector = threading.Thread(
-            target=self._connect_model, name="model-connect", daemon=True
-        )
-        self._connector.start()
-
-    def _refuse(self, why: str) -> None:
-        """Close a stream that may not relay this call: nothing written, nothing counted."""
-        log.warning("call %s: media stream refused: %s", self.call_sid or "?", why)
-        self.outcome = "refused"
-        self._stopping = True
-        close_quietly(self.twilio)
 
     # -- model connection -------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from twilio.base.exceptions import TwilioException
 from .. import metrics
 from ..agent import machines
 from ..agent.prompts import CALL_VARIABLES
-from ..gather.turn import Heard, render_result
+from ..gather.results import Heard, render_result
 from ..logfmt import CALL_SID
 from ..services import get_services
 from ..store.calls import ENDED_STATUSES
