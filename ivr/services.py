@@ -252,14 +252,8 @@ def build_outbound(settings: Settings, store: CallStore, twilio_rest) -> Outboun
     def find(to: str, from_: str, since: float) -> list[str]:
         return rest.find_placed(twilio_rest, to=to, from_=from_, since=since)
 
-    queue = OutboundQueue(
-        store,
-        caller_id=settings.outbound_caller_id,
-        per_second=settings.outbound_calls_per_second,
-        max_active=settings.outbound_max_active,
-        max_call_seconds=settings.max_call_seconds,
-        place=place if can_dial else None,
-        find=find if can_dial else None,
+    queue = OutboundQueue.from_settings(
+        store, settings, place=place if can_dial else None, find=find if can_dial else None
     )
     return queue
 

@@ -32,13 +32,7 @@ def dial(args) -> int:
         return _fail("REDIS_URL is not set: calls are queued in the app's Redis.")
     client = build_redis(settings.redis_url, settings.redis_cluster)
     store = CallStore(client, history_max=1, ttl=60, retention=settings.transcript_retention)
-    queue = OutboundQueue(
-        store,
-        caller_id=settings.outbound_caller_id,
-        per_second=settings.outbound_calls_per_second,
-        max_active=settings.outbound_max_active,
-        max_call_seconds=settings.max_call_seconds,
-    )
+    queue = OutboundQueue.from_settings(store, settings)
     try:
         for request in requests_:
             print(f"{queue.enqueue(request)} queued {request.to}")

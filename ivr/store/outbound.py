@@ -161,6 +161,21 @@ class OutboundQueue:
     already has for it (the wiring binds both to the REST client).
     """
 
+    @classmethod
+    def from_settings(
+        cls, store: CallStore, settings, *, place: Callable | None = None, find=None
+    ) -> OutboundQueue:
+        """The queue as the settings pace it (OUTBOUND_CALLER_ID, _CALLS_PER_SECOND, ...)."""
+        return cls(
+            store,
+            caller_id=settings.outbound_caller_id,
+            per_second=settings.outbound_calls_per_second,
+            max_active=settings.outbound_max_active,
+            max_call_seconds=settings.max_call_seconds,
+            place=place,
+            find=find,
+        )
+
     def __init__(
         self,
         store: CallStore,
