@@ -120,8 +120,13 @@ def worker_exit(server, worker):
     def left() -> float:
         return max(0.0, kill_at - STOP_MARGIN - time.monotonic())
 
-    services.conversation.hold.close(timeout=left())
-    services.conversation.backlog.close(timeout=min(3.0, left()))
+    lines = [line.conversation for line in (services.lines or {}).values()] or [
+        services.conversation
+    ]
+    for conversation in lines:  # every agent's held turns, then what Redis has not taken
+        conversation.hold.close(timeout=left())
+    for conversation in lines:
+        conversation.backlog.close(timeout=min(3.0, left()))
 
 
 def _app_problems() -> list[str]:

@@ -50,12 +50,17 @@ class Admitting:
         """Twilio's `start`: the stream names its call. Checked before anything else."""
         if self.stream_sid:
             return  # one start per stream: a second cannot move it to another call
-        call_sid = start.get("callSid") or ""
+        start = start if isinstance(start, dict) else {}
+        call_sid, stream_sid = start.get("callSid"), start.get("streamSid")
         parameters = start.get("customParameters") or {}
-        if not (start.get("streamSid") and self.admission.token_ok(call_sid, parameters)):
+        if not (isinstance(call_sid, str) and isinstance(stream_sid, str)):
+            call_sid, stream_sid = "", ""  # not Twilio's shape: refused below
+        if not isinstance(parameters, dict):
+            parameters = {}
+        if not (stream_sid and self.admission.token_ok(call_sid, parameters)):
             self._refuse("a start without the stream token of its CallSid")
             return
-        self.stream_sid = start["streamSid"]
+        self.stream_sid = stream_sid
         self.call_sid, self.custom = call_sid, parameters
         self.writer.call_sid = call_sid
         self._started_at = self.clock()

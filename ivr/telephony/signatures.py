@@ -51,8 +51,11 @@ def is_signed(request, settings: Settings, *, websocket: bool = False) -> bool:
     algorithm = get_signature_algorithm(settings_header)
     validator = RequestValidator(secret)
     url = public_url(request, settings.public_base_url)
-    if websocket:
-        # Twilio signs the wss:// URL of a media stream, with no parameters.
-        ws_url = "ws" + url[len("http") :]
-        return validator.validate(ws_url, {}, signature, algorithm)
-    return validator.validate(url, request.form, signature, algorithm)
+    try:
+        if websocket:
+            # Twilio signs the wss:// URL of a media stream, with no parameters.
+            ws_url = "ws" + url[len("http") :]
+            return validator.validate(ws_url, {}, signature, algorithm)
+        return validator.validate(url, request.form, signature, algorithm)
+    except ValueError:  # a forged Host with a port that is no number: not Twilio's URL
+        return False

@@ -36,13 +36,17 @@ class RequestLimits:
         if length and not chunked and (not length.isdigit() or int(length) > self.max_bytes):
             return _too_large(start_response, "The request body is too large.")
         wanted = int(length) if length and not chunked else self.max_bytes + 1
-        body = environ["wsgi.input"].read(wanted)
+        try:
+            body = environ["wsgi.input"].read(wanted)
+        except OSError:  # a chunked body cut off (the read deadline, or the client gone)
+            return _refuse(start_response, "400 Bad Request", "The request body is incomplete.")
         if len(body) > self.max_bytes:
             return _too_large(start_response, "The request body is too large.")
         if length and not chunked and len(body) < wanted:
             # The client stopped (or the server's read deadline did) before its body ended.
             return _refuse(start_response, "400 Bad Request", "The request body is incomplete.")
-        if environ.get("CONTENT_TYPE", "").startswith(FORM) and body.count(b"&") >= self.max_fields:
+        form = environ.get("CONTENT_TYPE", "").lower().startswith(FORM)  # any case, as parsed
+        if form and body.count(b"&") >= self.max_fields:
             return _too_large(start_response, "The form has too many fields.")
         environ["wsgi.input"] = io.BytesIO(body)
         environ["CONTENT_LENGTH"] = str(len(body))

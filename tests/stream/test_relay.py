@@ -532,3 +532,33 @@ def test_a_start_without_the_token_is_closed_before_the_model_or_anything_else()
     assert relay.outcome == "refused"
     assert twilio.closed.is_set()
     assert opened == [] and failures == []
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        "x",
+        {"streamSid": STREAM, "callSid": 123},
+        {"streamSid": STREAM, "callSid": "CA1", "customParameters": ["stream_token"]},
+    ],
+    ids=["not-an-object", "sid-not-text", "parameters-not-an-object"],
+)
+def test_a_start_not_of_twilios_shape_is_refused_not_a_crash(start):
+    from ivr.stream.admission import Admission
+
+    recorder = Recorder()
+    twilio, model = FakeTwilio(recorder), FakeModel(recorder)
+    opened = []
+    relay = Relay(
+        twilio,
+        lambda: opened.append(1) or model,
+        store=None,
+        admission=Admission(None, key="auth-token", required=True),
+        config=RelayConfig(connect_timeout=1),
+    )
+    thread = threading.Thread(target=relay.run, daemon=True)
+    thread.start()
+    twilio.push({"event": "start", "streamSid": STREAM, "start": start})
+    thread.join(timeout=5)
+    assert relay.outcome == "refused"
+    assert twilio.closed.is_set() and opened == []

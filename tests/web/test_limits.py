@@ -166,3 +166,43 @@ def test_a_body_shorter_than_its_length_is_refused(app, signatures_checked):
     """A client that announces a body and stops (or is cut off by the read deadline)."""
     assert call(app, b"12345678", length="4000")[0] == 400
     assert signatures_checked == []
+
+
+def test_the_field_count_holds_whatever_the_content_types_case(app, signatures_checked):
+    body = b"&".join(b"A%d=1" % i for i in range(MAX_FIELDS + 1))
+    environ = EnvironBuilder(
+        path="/voice", method="POST", content_type="Application/X-WWW-Form-Urlencoded"
+    ).get_environ()
+    environ["wsgi.input"] = CountingInput(body)
+    environ["CONTENT_LENGTH"] = str(len(body))
+    status = []
+    b"".join(app.wsgi_app(environ, lambda s, h, e=None: status.append(s)))
+    assert status[0].startswith("413")
+    assert signatures_checked == []
+
+
+class CutOff(io.BytesIO):
+    """A chunked body the server stopped reading (its deadline): gunicorn raises."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        raise OSError("No more data")
+
+
+def test_a_chunked_body_cut_off_is_refused_not_an_error(app):
+    environ = EnvironBuilder(path="/voice", method="POST").get_environ()
+    environ.update(
+        {"wsgi.input": CutOff(), "CONTENT_LENGTH": "", "HTTP_TRANSFER_ENCODING": "chunked"}
+    )
+    status = []
+    b"".join(app.wsgi_app(environ, lambda s, h, e=None: status.append(s)))
+    assert status[0].startswith("400")
+
+
+def test_a_forged_host_with_a_port_that_is_no_number_is_403(app):
+    params = {"CallSid": new_sid(), "From": "+15550001111"}
+    forged = app.test_client().post(
+        "/voice",
+        data=params,
+        headers={"X-Twilio-Signature": "junk", "X-Forwarded-Host": "example.com:abc"},
+    )
+    assert forged.status_code == 403
