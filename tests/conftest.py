@@ -178,3 +178,20 @@ def live(stream_config):
     server = LiveServer(create_app(stream_config))
     yield server
     server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of the test's own, which it may stop, freeze or restart."""
+    from .gather.test_faults import OwnRedis
+
+    server = OwnRedis(tmp_path).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_client(own_redis):
+    client = redis_lib.Redis.from_url(own_redis.url)
+    yield client
+    client.close()

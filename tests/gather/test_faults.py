@@ -79,20 +79,6 @@ def _pings(client) -> bool:
         return False
 
 
-@pytest.fixture
-def own_redis(tmp_path):
-    server = OwnRedis(tmp_path).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def own_client(own_redis):
-    client = redis_lib.Redis.from_url(own_redis.url)
-    yield client
-    client.close()
-
-
 def timed(action):
     started = time.monotonic()
     result = action()

@@ -13,7 +13,6 @@ import threading
 import xml.etree.ElementTree as ET
 
 import pytest
-import redis as redis_lib
 import requests
 
 from ivr import create_app
@@ -25,21 +24,7 @@ from ..fakes.redis_server import free_port
 from ..test_serving import post, start_gunicorn
 from ..twilio_sim import TwilioCall, new_sid, sign, spoken
 from ..waiting import wait_for
-from .test_faults import OwnRedis, transcript_of
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    server = OwnRedis(tmp_path).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def own_client(own_redis):
-    client = redis_lib.Redis.from_url(own_redis.url)
-    yield client
-    client.close()
+from .test_faults import transcript_of
 
 
 @pytest.fixture
