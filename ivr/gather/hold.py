@@ -197,7 +197,9 @@ class Hold:
         with self._lock:
             running = list(self._running)
         for thread in running:
-            thread.join(max(0.0, until - time.monotonic()))
+            # The garbage collector may finalise the app on one of these very threads.
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, until - time.monotonic()))
 
     def _answer(
         self, conversation, sid: str, turn: int, heard, deadline: float, ready=None

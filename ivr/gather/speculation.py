@@ -343,7 +343,9 @@ class Speculation:
         with self._lock:
             running = list(self._running)
         for thread in running:
-            thread.join(max(0.0, until - time.monotonic()))
+            # The garbage collector may finalise the app on one of these very threads.
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, until - time.monotonic()))
 
     def _ttl(self) -> int:
         return int(self.settings.llm_deadline + self.settings.turn_max) + 60

@@ -238,3 +238,27 @@ def test_the_call_log_says_a_turn_was_answered_from_a_speculation(config, fake_o
     }
     page = call.client.get(f"/calls/{call.sid}", headers=auth).get_data(as_text=True)
     assert page.count("worked out while the caller spoke") == 1
+
+
+def test_closing_from_one_of_its_own_threads_does_not_join_itself(app):
+    """The app's finaliser may run on a speculation's (or held turn's) own thread."""
+    import threading
+
+    conversation = app.extensions["ivr"].conversation
+    errors = []
+
+    def close_from_inside():
+        try:
+            conversation.speculation.close(timeout=0.1)
+            conversation.hold.close(timeout=0.1)
+        except RuntimeError as exc:  # "cannot join current thread"
+            errors.append(exc)
+
+    thread = threading.Thread(target=close_from_inside)
+    with conversation.speculation._lock:
+        conversation.speculation._running.add(thread)
+    with conversation.hold._lock:
+        conversation.hold._running.add(thread)
+    thread.start()
+    thread.join(5)
+    assert errors == []
