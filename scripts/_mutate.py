@@ -58,7 +58,10 @@ TESTS = {
     # the turn loop runs the tools
     "agent.llm": ["tests/agent/test_llm.py", "tests/gather/test_tools.py"],
     "store.calls": ["tests/store/test_calls.py"],
-    "store.report": ["tests/store/test_report.py"],
+    "store.report": ["tests/store/test_report.py", "tests/store/test_report_sender.py"],
+    # turn claims and held turns: leases, takeover, the hold lines and their redirects
+    "gather.claims": ["tests/store/test_calls.py", "tests/gather/test_faults.py"],
+    "gather.hold": ["tests/gather/test_hold.py", "tests/gather/test_acknowledgements.py"],
     "stream.playback": ["tests/stream/test_relay.py"],
     "web.access": ["tests/web/test_web.py"],
     "telephony.twiml": ["tests/web/test_voice.py"],

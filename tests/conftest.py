@@ -101,6 +101,10 @@ def config(redis, redis_url, fake_openai, prompts_dir):
         "PROMPTS_DIR": str(prompts_dir),
         "LLM_DEADLINE_SECONDS": "3",
         "LLM_ATTEMPT_TIMEOUT_SECONDS": "1",
+        # Turns answer inline, however loaded the machine: a test that says something
+        # then asserts on what the model received must not get a hold line instead.
+        # The hold tests set their own (gather/test_hold.py).
+        "HOLD_AFTER_SECONDS": "0",
     }
 
 

@@ -27,6 +27,7 @@ def servers(config, tmp_path):
     """Two gunicorn servers with the default HOLD_AFTER_SECONDS and TURN_MAX_SECONDS."""
     env = {k: v for k, v in os.environ.items() if k not in config}
     env.update(config, TOOLS_MODULES="tests.agent_tools_example")
+    del env["HOLD_AFTER_SECONDS"]  # the default, not the suite's inline-only 0
     ports = [free_port(), free_port()]
     # Both boot at once, and are given long enough on a machine shared with other jobs.
     with ThreadPoolExecutor(2) as pool:

@@ -198,6 +198,7 @@ def test_a_held_turn_finishes_through_a_graceful_stop(
         "LLM_DEADLINE_SECONDS": "8",
         "LLM_ATTEMPT_TIMEOUT_SECONDS": "15",
         "TURN_MAX_SECONDS": "30",
+        "HOLD_AFTER_SECONDS": "1.5",  # the default: the turn is held
     }
     ports = [free_port(), free_port()]
     stopping = start_gunicorn(env, ports[0], tmp_path / "stopping.log")

@@ -14,16 +14,9 @@ from ivr.store import report as report_module
 from ivr.store.report import ATTEMPTS, DEAD, DUE
 
 from ..fakes.openai_server import CallTool, Reply
-from ..fakes.webhook_receiver import SECRET, TricklingReceiver, WebhookReceiver
+from ..fakes.webhook_receiver import SECRET, TricklingReceiver
 from ..twilio_sim import TwilioCall, signed_post
 from ..waiting import wait_for
-
-
-@pytest.fixture
-def receiver():
-    server = WebhookReceiver().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
