@@ -31,6 +31,7 @@ import redis
 
 from .transcript import entry as _entry
 from .transcript import messages as _messages
+from .transcript import parse as parse_entries
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +117,7 @@ class CallStore:
         agent: str = "default",
     ) -> bool:
         """Record a call's arrival; True the first time, False for a repeated /voice.
-
-        `details` are further fields (direction, variables, outbound_id).
-        """
+        `details` are further fields (direction, variables, outbound_id)."""
         meta = self._key(sid, "meta")
         stamp = f"{time.time():.6f}"
         with self.redis.pipeline(transaction=True) as pipe:
@@ -305,7 +304,7 @@ class CallStore:
         )
 
     def transcript(self, sid: str) -> list[dict]:
-        return [json.loads(e) for e in self.redis.lrange(self._key(sid, "transcript"), 0, -1)]
+        return parse_entries(self.redis.lrange(self._key(sid, "transcript"), 0, -1))
 
     def count_reprompt(self, sid: str) -> int:
         """One more silent or unclear turn in a row; returns the streak length."""

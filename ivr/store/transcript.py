@@ -16,6 +16,25 @@ def entry(role: str, content: str, mode: str, **extra) -> str:
     )
 
 
+def parse(raw_entries) -> list[dict]:
+    """The entries of a transcript list, each once.
+
+    A transaction that pushed entries is sent again by the Redis client when
+    the connection drops before its reply; if the first one had landed, its
+    entries are in the list twice. Each entry is built once, before it is sent,
+    so a copy is the same string (timestamp to the millisecond included), and
+    two entries written apart never are: the copy is dropped here, for every
+    reader (the model's history, the call log, the report).
+    """
+    seen: set = set()
+    unique = []
+    for raw in raw_entries:
+        if raw not in seen:
+            seen.add(raw)
+            unique.append(json.loads(raw))
+    return unique
+
+
 # How an answer the caller never heard (they spoke over the hold line before it
 # was given) reaches the model: not as said, so that it may say it now.
 UNHEARD_NOTE = "The caller did not hear your answer, they spoke before it was ready: {}"
@@ -40,7 +59,7 @@ def messages(raw_entries) -> list[dict]:
     """
     messages: list[dict] = []
     asked: set[str] = set()  # tool call ids of the latest assistant message
-    entries = [json.loads(raw) for raw in raw_entries]
+    entries = parse(raw_entries)
     unheard_turns = {e.get("turn") for e in entries if e.get("role") == "unheard"}
     for entry in entries:
         role = entry.get("role")

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 from ..store.calllog import INDEX_KEY
 from ..store.calls import CallStore, ended_by
+from ..store.transcript import parse as parse_entries
 
 PER_PAGE = 25
 SCAN_CHUNK = 200
@@ -193,7 +194,7 @@ class CallLog:
                 pipe.lrange(self.store._key(row.sid, "transcript"), 0, -1)
             transcripts = pipe.execute()
         for row, raw in zip(rows, transcripts, strict=True):
-            _summarise(row, [json.loads(e) for e in raw])
+            _summarise(row, parse_entries(raw))
         return rows
 
 

@@ -84,11 +84,15 @@ def test_a_frozen_redis_still_gets_the_caller_an_answer_in_time(
 
 class DroppingProxy:
     """A loopback TCP proxy to Redis that, once, forwards a command matching
-    `marker` and then drops the client's connection before the reply comes back."""
+    `marker` and then drops the client's connection before the reply comes back.
 
-    def __init__(self, target_port: int, marker: bytes):
+    With `until`, it forwards on until that too has gone (a transaction's EXEC,
+    which may come in a later read), so the whole command lands."""
+
+    def __init__(self, target_port: int, marker: bytes, until: bytes | None = None):
         self.target_port = target_port
         self.marker = marker
+        self.until = until
         self.dropped = threading.Event()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}/0"
@@ -101,28 +105,30 @@ class DroppingProxy:
             except OSError:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            threading.Thread(target=self._up, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._down, args=(upstream, client), daemon=True).start()
+            cut = threading.Event()  # this connection's replies go no further
+            threading.Thread(target=self._up, args=(client, upstream, cut), daemon=True).start()
+            threading.Thread(target=self._down, args=(upstream, client, cut), daemon=True).start()
 
-    def _up(self, client, upstream):
+    def _up(self, client, upstream, cut):
         try:
+            armed = False
             while data := client.recv(65536):
-                upstream.sendall(data)
-                if self.marker in data and not self.dropped.is_set():
+                armed = armed or (self.marker in data and not self.dropped.is_set())
+                if armed and (self.until is None or self.until in data):
+                    # Cut before the command goes: its reply must never reach the client.
+                    cut.set()
                     self.dropped.set()
-                    # The command lands; its reply never reaches the client.
-                    upstream.shutdown(socket.SHUT_WR)
+                    upstream.sendall(data)  # the command lands
                     client.shutdown(socket.SHUT_RDWR)
                     client.close()
                     return
+                upstream.sendall(data)
         except OSError:
-            pass
+            client.close()
 
-    def _down(self, upstream, client):
+    def _down(self, upstream, client, cut):
         try:
-            while data := upstream.recv(65536):
-                if self.dropped.is_set() and client.fileno() == -1:
-                    return
+            while (data := upstream.recv(65536)) and not cut.is_set():
                 client.sendall(data)
         except OSError:
             pass
@@ -160,6 +166,33 @@ def test_a_claim_landed_before_the_connection_dropped_is_this_requests(
     ]
     # Control: the next turn, on a connection that is not dropped, is answered too.
     assert spoken(call.say("Thanks.")) == ["You said: Thanks."]
+
+
+def test_words_whose_transaction_was_sent_twice_are_in_the_records_once(
+    config, redis_url, redis, fake_openai
+):
+    """The transaction storing the caller's words lands, its reply is lost, and the
+    client sends it again: the list holds the entry twice, every reader once."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = DroppingProxy(port, marker=b"Zanzibar", until=b"EXEC\r\n")
+    try:
+        app = create_app({**config, "REDIS_URL": proxy.url})
+        call = TwilioCall(app.test_client())
+        call.start()
+        assert spoken(call.say("Do you ship to Zanzibar?")) == [
+            "You said: Do you ship to Zanzibar?"
+        ]
+        assert proxy.dropped.is_set()
+        raw = [e for e in transcript_of(redis, call.sid) if e[0] == "user"]
+        assert raw == [("user", "Do you ship to Zanzibar?")] * 2  # the transaction ran twice
+        store = app.extensions["ivr"].store
+        said = [(e["role"], e["content"]) for e in store.transcript(call.sid)]
+        assert said.count(("user", "Do you ship to Zanzibar?")) == 1
+        call.say("Thanks.")
+        asked = [m["content"] for m in fake_openai.chat_requests[-1]["messages"]]
+        assert asked.count("Do you ship to Zanzibar?") == 1  # the model hears it once
+    finally:
+        proxy.close()
 
 
 def test_an_answer_said_while_redis_restarts_is_stored_once_it_is_back(
