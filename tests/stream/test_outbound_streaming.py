@@ -39,13 +39,23 @@ def prompts(prompts_dir):
 
 
 @pytest.fixture
-def queue_call(stream_config, monkeypatch):
+def deployment(stream_config, tmp_path):
+    """Streaming on, and an agent besides the default: agents/dentist, its own system.txt."""
+    prompts = tmp_path / "agents" / "dentist" / "prompts"
+    prompts.mkdir(parents=True)
+    (prompts.parent / "agent.yaml").write_text("numbers: []\n")
+    (prompts / "system.txt").write_text("You are the dentist's assistant, calling {name}.")
+    return {**stream_config, "AGENTS_DIR": str(tmp_path / "agents")}
+
+
+@pytest.fixture
+def queue_call(deployment, monkeypatch):
     """Queue a call through POST /api/calls; its id."""
     # Placing is the dialer's job (tests/store/test_outbound.py): here calls stay queued.
     monkeypatch.setattr("ivr.store.outbound.OutboundQueue.start", lambda self: None)
     app = create_app(
         {
-            **stream_config,
+            **deployment,
             "API_TOKEN": TOKEN,
             "OUTBOUND_CALLER_ID": CALLER_ID,
             "PUBLIC_BASE_URL": "https://agent.example.com",
@@ -54,10 +64,10 @@ def queue_call(stream_config, monkeypatch):
     )
     client = app.test_client()
 
-    def queue(variables: dict[str, str]) -> str:
+    def queue(variables: dict[str, str], agent: str = "") -> str:
         answer = client.post(
             "/api/calls",
-            json={"to": PERSON, "variables": variables},
+            json={"to": PERSON, "variables": variables, "agent": agent},
             headers={"Authorization": f"Bearer {TOKEN}"},
         )
         assert answer.status_code == 202, answer.get_json()
@@ -78,16 +88,18 @@ def idle_live(stream_config):
 class OutboundCall(TwilioCall):
     """The call the dialer placed, as Twilio requests its webhooks."""
 
-    def __init__(self, client, call_id: str):
+    def __init__(self, client, call_id: str, agent: str = ""):
         super().__init__(client, caller=CALLER_ID, callee=PERSON)
-        self.call_id = call_id
+        # The /voice URL the dialer placed the call with (telephony/rest.py).
+        self.voice_path = f"/voice?outbound={call_id}" + (f"&agent={agent}" if agent else "")
 
     def params(self, **extra) -> dict:
         return {**super().params(**extra), "Direction": "outbound-api"}
 
     def start(self):
-        path = f"/voice?outbound={self.call_id}"
-        self.last = parse(signed_post(self.client, path, self.params(), base_url=self.base_url))
+        self.last = parse(
+            signed_post(self.client, self.voice_path, self.params(), base_url=self.base_url)
+        )
         return self.last
 
 
@@ -175,3 +187,26 @@ def test_with_the_breaker_open_an_outbound_call_is_answered_in_gather_mode(
     call.say("who is this")
     system = fake_openai.chat_requests[-1]["messages"][0]["content"]
     assert system == "You remind Ada of the dentist.\nBe brief."
+
+
+def test_an_outbound_call_streams_with_its_agents_prompts(
+    deployment, fake_openai, prompts, queue_call
+):
+    server = LiveServer(create_app(deployment))
+    try:
+        call_id = queue_call({"name": "Ada"}, agent="dentist")
+        call = OutboundCall(server.app.test_client(), call_id, agent="dentist")
+        parameters = stream_of(call.start())
+        assert parameters["agent"] == "dentist" and parameters["direction"] == "outbound-api"
+        media = TwilioMediaClient(
+            server.ws + "/media-stream", AUTH_TOKEN, call.sid, parameters=parameters
+        ).start()
+        assert wait_for(lambda: fake_openai.events("response.create"))
+        media.hang_up()
+    finally:
+        server.stop()
+    (update,) = fake_openai.events("session.update")
+    assert update["session"]["instructions"] == "You are the dentist's assistant, calling Ada."
+    # The agent has no outbound greeting of its own: the default's, with the variables.
+    greeting = fake_openai.events("response.create")[0]["response"]["instructions"]
+    assert greeting.endswith("saying exactly: Hi Ada, about your on.")
