@@ -235,6 +235,17 @@ def outbound_missing(settings: Settings) -> list[str]:
     return missing
 
 
+def undeployed_agent(agents: Agents, name: str) -> str:
+    """The one sentence refusing an outbound call with agent `name`; "" for a deployed one.
+
+    Refused when queued: placed, the call would quietly get the default agent.
+    """
+    if not name or name == agents.default.name or name in agents.named:
+        return ""
+    deployed = ", ".join([agents.default.name, *sorted(agents.named)])
+    return f"No agent {name!r} is deployed (the deployed agents are: {deployed})."
+
+
 def build_outbound(settings: Settings, store: CallStore, twilio_rest) -> OutboundQueue:
     """The outbound queue, with a dialer when calls can be placed (create_app starts it)."""
     can_dial = twilio_rest is not None and not outbound_missing(settings)

@@ -13,6 +13,7 @@ prompt, and TwiML's text filter sees every line before it is spoken.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import random
@@ -100,7 +101,26 @@ class PromptError(Exception):
     pass
 
 
-class Prompts:
+class PromptLines:
+    """Lines to speak, over a `get(name)` that reads one prompt file."""
+
+    def get(self, name: str) -> str:
+        raise NotImplementedError
+
+    def line(self, name: str) -> str:
+        """A required prompt, or its built-in line when the file cannot be read."""
+        return self.say(name, BUILT_IN_LINES[name])
+
+    def say(self, name: str, fallback: str) -> str:
+        """A line to speak; never raises, because a caller must always hear something."""
+        try:
+            return self.get(name) or fallback
+        except (PromptError, OSError, UnicodeDecodeError):
+            log.exception("prompt %s unreadable; using the built-in line", name)
+            return fallback
+
+
+class Prompts(PromptLines):
     """Reads `<name>.txt` from a directory, caching by (mtime, size)."""
 
     def __init__(self, directory: Path):
@@ -140,17 +160,38 @@ class Prompts:
             log.info("prompt %s reloaded from disk", name)
         return text
 
-    def line(self, name: str) -> str:
-        """A required prompt, or its built-in line when the file cannot be read."""
-        return self.say(name, BUILT_IN_LINES[name])
 
-    def say(self, name: str, fallback: str) -> str:
-        """A line to speak; never raises, because a caller must always hear something."""
-        try:
-            return self.get(name) or fallback
-        except (PromptError, OSError, UnicodeDecodeError):
-            log.exception("prompt %s unreadable; using the built-in line", name)
-            return fallback
+@contextlib.contextmanager
+def call_variables(variables: dict[str, str] | None):
+    """Within the block, prompts are read with `variables` filled in."""
+    token = CALL_VARIABLES.set(variables)
+    try:
+        yield
+    finally:
+        CALL_VARIABLES.reset(token)
+
+
+class CallPrompts(PromptLines):
+    """One call's prompts: its variables filled in, whichever thread reads them.
+
+    A streaming call's prompts are read in the relay's own threads, which do not
+    share the webhook request's CALL_VARIABLES.
+    """
+
+    def __init__(self, prompts: Prompts, variables: dict[str, str] | None):
+        self.prompts = prompts
+        self.variables = variables
+
+    def get(self, name: str) -> str:
+        with call_variables(self.variables):
+            return self.prompts.get(name)
+
+
+def greeting(prompts: PromptLines, outbound: bool = False) -> str:
+    """What a call hears first: outbound_greeting.txt for a call we placed, else greeting.txt."""
+    if outbound:
+        return prompts.say("outbound_greeting", OUTBOUND_LINES["outbound_greeting"])
+    return prompts.line("greeting")
 
 
 def pick_line(prompts, last: str | None) -> str:

@@ -124,7 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K=V",
         help="a call variable, filling {K} in the prompt files (repeatable)",
     )
-    dial.add_argument("--agent", default="", help="the agent to call with (stored with the call)")
+    dial.add_argument(
+        "--agent",
+        default="",
+        metavar="NAME",
+        help="the agent to call with (agents/NAME/, deployed; stored with the call)",
+    )
     dial.add_argument(
         "--csv", type=Path, help="a CSV file: a `to` column, every other column a variable"
     )

@@ -10,8 +10,9 @@ def dial(args) -> int:
     """`ivr dial`: queue outbound calls, as POST /api/calls does."""
     from redis.exceptions import RedisError
 
-    from ..config import ConfigError, load_settings
-    from ..services import build_redis, outbound_missing
+    from ..config import ConfigError
+    from ..services import build_redis, outbound_missing, undeployed_agent
+    from ..startup import load_deployment
     from ..store.calls import CallStore
     from ..store.outbound import OutboundError, OutboundQueue, parse_request
 
@@ -22,12 +23,17 @@ def dial(args) -> int:
         where = getattr(exc, "row", "")
         return _fail(f"{where}{exc}")
     try:
-        settings = load_settings()
+        # The agents too: a call for one that is not deployed is refused now,
+        # not given the default agent when it is answered.
+        settings, _, agents = load_deployment()
     except ConfigError as exc:
         return _fail(" ".join(exc.problems))
     missing = outbound_missing(settings)
     if missing:
         return _fail(missing[0])
+    refused = undeployed_agent(agents, args.agent)
+    if refused:
+        return _fail(refused)
     if not settings.redis_url:
         return _fail("REDIS_URL is not set: calls are queued in the app's Redis.")
     client = build_redis(settings.redis_url, settings.redis_cluster)

@@ -18,7 +18,7 @@ import redis
 
 from .. import metrics
 from ..agent.llm import LLMUnavailable, Reply, Responder
-from ..agent.prompts import OUTBOUND_LINES, Prompts
+from ..agent.prompts import Prompts, greeting
 from ..agent.speakable import make_speakable
 from ..agent.tools import ToolCall, ToolRegistry
 from ..config import WEBHOOK_ANSWER_SECONDS, Settings
@@ -100,13 +100,11 @@ class Conversation(ReplayProtection):
         self, sid: str, caller: str = "", callee: str = "", details: dict | None = None
     ) -> dict:
         """The first turn: greeting.txt, or outbound_greeting.txt for a call we placed."""
-        if details and details.get("direction") == "outbound-api":
-            greeting = self.prompts.say("outbound_greeting", OUTBOUND_LINES["outbound_greeting"])
-        else:
-            greeting = self.prompts.line("greeting")
+        outbound = bool(details) and details.get("direction") == "outbound-api"
+        first = greeting(self.prompts, outbound)
         if self.begin_call(sid, caller, callee, mode="gather", details=details):
-            self._safely(sid, "record greeting", lambda: self.store.record_agent(sid, greeting))
-        return {"kind": "answer", "text": greeting, "next": 1}
+            self._safely(sid, "record greeting", lambda: self.store.record_agent(sid, first))
+        return {"kind": "answer", "text": first, "next": 1}
 
     def resume_after_stream(self, sid: str) -> dict:
         """The stream ended under a live call: carry on in Gather mode, history intact."""

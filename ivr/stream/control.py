@@ -12,6 +12,7 @@ that fails too, the call is still live and its limits are tried again.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import threading
@@ -20,7 +21,7 @@ import time
 from twilio.base.exceptions import TwilioRestException
 from twilio.twiml.voice_response import VoiceResponse
 
-from ..agent.prompts import Prompts, pick_line
+from ..agent.prompts import PromptLines, pick_line
 from ..agent.tools import ToolCall, ToolRegistry
 from ..config import Settings
 from ..store.calls import CallStore
@@ -34,7 +35,7 @@ class CallControl:
         self,
         *,
         settings: Settings,
-        prompts: Prompts,
+        prompts: PromptLines,
         tools: ToolRegistry,
         store: CallStore,
         twilio_rest,
@@ -44,6 +45,12 @@ class CallControl:
         self.tools = tools
         self.store = store
         self.twilio_rest = twilio_rest
+
+    def with_prompts(self, prompts: PromptLines) -> CallControl:
+        """This call control with one call's prompts (its variables filled in)."""
+        own = copy.copy(self)
+        own.prompts = prompts
+        return own
 
     def realtime_tools(self) -> list[dict]:
         return self.tools.realtime_tools(self.settings)

@@ -11,7 +11,7 @@ import hmac
 
 from flask import Blueprint, jsonify, request
 
-from ..services import get_services, outbound_missing
+from ..services import get_services, outbound_missing, undeployed_agent
 from ..store.outbound import OutboundError, parse_request
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -48,9 +48,13 @@ def queue_call():
         return _problem(409, missing[0])
     body = request.get_json(silent=True)
     try:
-        call_id = services.outbound.enqueue(parse_request(body))
+        call = parse_request(body)
     except OutboundError as exc:
         return _problem(400, str(exc))
+    refused = undeployed_agent(services.agents, call.agent)
+    if refused:
+        return _problem(400, refused)
+    call_id = services.outbound.enqueue(call)
     return jsonify(id=call_id, status="queued"), 202, {"Location": f"/api/calls/{call_id}"}
 
 

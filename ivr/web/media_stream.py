@@ -20,8 +20,7 @@ from .. import metrics
 from ..services import Services, get_services
 from ..store import calllog
 from ..stream.admission import Admission
-from ..stream.control import StreamControl
-from ..stream.realtime import open_realtime, relay_config
+from ..stream.realtime import OUTBOUND, call_session, open_realtime, relay_config
 from ..stream.relay import Relay
 from ..stream.sockets import TwilioSocket
 from ..telephony import twiml
@@ -45,8 +44,14 @@ def stream_url(services: Services) -> str:
     return f"wss://{host}{STREAM_PATH}"
 
 
-def answer_with_stream(sid: str, caller: str, callee: str) -> VoiceResponse | None:
-    """<Connect><Stream> for a new call, or None when Gather mode should answer it."""
+def answer_with_stream(
+    sid: str, caller: str, callee: str, details: dict | None = None
+) -> VoiceResponse | None:
+    """<Connect><Stream> for a new call, or None when Gather mode should answer it.
+
+    `details` are an outbound call's record fields: stored with the call, so the
+    relay and a fallback to Gather mode read its variables.
+    """
     services = get_services()
     line = agent_for_request()
     if not line.settings.streaming_enabled:
@@ -56,9 +61,11 @@ def answer_with_stream(sid: str, caller: str, callee: str) -> VoiceResponse | No
         metrics.STREAM_FALLBACKS.labels("breaker-open").inc()
         calllog.record_event(services.store, sid, "mode", "Gather mode: streaming breaker open")
         return None
-    line.conversation.begin_call(sid, caller, callee, mode="stream")
+    line.conversation.begin_call(sid, caller, callee, mode="stream", details=details)
     agent = url_agent(line)
     parameters = {"from": caller, "to": callee, **({"agent": agent} if agent else {})}
+    if details and details.get("direction") == OUTBOUND:
+        parameters["direction"] = OUTBOUND  # the relay greets with outbound_greeting.txt
     key = services.settings.twilio_auth_token
     if key:  # what ties the stream to this call: its handshake's signature cannot
         parameters[PARAMETER] = stream_token(key, sid)
@@ -104,14 +111,8 @@ def _check_upgrade() -> None:
 def media_stream(ws):
     services = get_services()
     twilio = TwilioSocket(ws, ping_every=services.settings.stream_ping_interval)
-    per_call = None
-    if len(services.agents) > 1:
-        # The call's agent arrives in `start` (our <Parameter name="agent">): the
-        # session is chosen once it is there, Twilio sends it as the socket opens.
-        def per_call(custom: dict):
-            line = services.agent(custom.get("agent"))
-            return relay_config(services, line), StreamControl(line.call_control)
-
+    # The call's agent and direction arrive in `start` (our <Parameter>s): the
+    # session is chosen once it is there, Twilio sends it as the socket opens.
     relay = Relay(
         twilio,
         lambda: open_realtime(services, relay.config.model),
@@ -120,8 +121,7 @@ def media_stream(ws):
         config=relay_config(services),
         on_failure=lambda reason: _fell_back(services, relay, reason),
         on_success=services.breaker.record_success,
-        control=StreamControl(services.call_control) if per_call is None else None,
-        per_call=per_call,
+        per_call=lambda custom: call_session(services, relay.call_sid, custom),
     )
     metrics.STREAMS_ACTIVE.inc()
     try:

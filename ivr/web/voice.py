@@ -99,13 +99,14 @@ def _turn() -> int | None:
 @twilio_webhook
 def voice(sid: str):
     caller, callee = request.form.get("From", ""), request.form.get("To", "")
+    # A call the dialer placed greets with outbound_greeting.txt, in either mode.
+    details = None
     if request.form.get("Direction") == "outbound-api" and _outbound_id():
-        # A call the dialer placed: answered in Gather mode with outbound_greeting.txt.
-        return agent_for_request().conversation.greet(sid, caller, callee, _outbound(sid))
-    stream = answer_with_stream(sid, caller, callee)
+        details = _outbound(sid)
+    stream = answer_with_stream(sid, caller, callee, details)
     if stream is not None:
         return stream
-    return agent_for_request().conversation.greet(sid, caller, callee)
+    return agent_for_request().conversation.greet(sid, caller, callee, details)
 
 
 def _outbound(sid: str) -> dict[str, str]:

@@ -71,6 +71,36 @@ def test_dial_refuses_a_bad_number_and_queues_nothing(env, monkeypatch, capsys, 
     assert redis.zcard(DUE) == 0
 
 
+@pytest.fixture
+def dentist(monkeypatch, tmp_path):
+    """One agent deployed besides the default (AGENTS_DIR)."""
+    (tmp_path / "agents" / "dentist").mkdir(parents=True)
+    (tmp_path / "agents" / "dentist" / "agent.yaml").write_text("numbers: []\n")
+    monkeypatch.setenv("AGENTS_DIR", str(tmp_path / "agents"))
+
+
+def test_dial_queues_a_call_for_a_deployed_agent(env, dentist, monkeypatch, capsys, redis):
+    code, _, err = run(monkeypatch, capsys, ["dial", "+15551230001", "--agent", "dentist"])
+    assert code == 0, err
+    [record] = queued(redis)
+    assert record["agent"] == "dentist"
+
+
+def test_dial_refuses_an_agent_not_deployed_and_queues_nothing(
+    env, dentist, monkeypatch, capsys, redis, tmp_path
+):
+    code, _, err = run(monkeypatch, capsys, ["dial", "+15551230001", "--agent", "dentsit"])
+    assert code == 2
+    assert err == (
+        "ivr: No agent 'dentsit' is deployed (the deployed agents are: default, dentist).\n"
+    )
+    sheet = tmp_path / "calls.csv"
+    sheet.write_text("to,name\n+15551230001,Ada\n")
+    code, _, err = run(monkeypatch, capsys, ["dial", "--csv", str(sheet), "--agent", "dentsit"])
+    assert code == 2 and "'dentsit'" in err
+    assert redis.zcard(DUE) == 0
+
+
 def test_dial_without_a_caller_id_says_so(env, monkeypatch, capsys, redis):
     monkeypatch.delenv("OUTBOUND_CALLER_ID")
     code, _, err = run(monkeypatch, capsys, ["dial", "+15551230001"])

@@ -30,9 +30,13 @@ UPDATE_URL = re.compile(
 
 
 @pytest.fixture
-def api_config(config):
+def api_config(config, tmp_path):
+    # One agent besides the default, answering no number of its own: outbound only.
+    (tmp_path / "agents" / "dentist").mkdir(parents=True)
+    (tmp_path / "agents" / "dentist" / "agent.yaml").write_text("numbers: []\n")
     return {
         **config,
+        "AGENTS_DIR": str(tmp_path / "agents"),
         "API_TOKEN": TOKEN,
         "OUTBOUND_CALLER_ID": "+15550009999",
         "PUBLIC_BASE_URL": BASE,
@@ -99,6 +103,18 @@ def test_bad_input_is_refused_with_one_sentence_and_nothing_queued(api, redis, b
 def test_an_agent_name_is_accepted_and_stored(api):
     body = queue(api, {"to": "+15551230001", "agent": "dentist"}).get_json()
     assert api.get(f"/api/calls/{body['id']}", headers=AUTH).get_json()["agent"] == "dentist"
+
+
+def test_an_agent_not_deployed_is_refused_by_name_and_nothing_queued(api, redis):
+    answer = queue(api, {"to": "+15551230001", "agent": "dentsit"})
+    assert answer.status_code == 400
+    message = answer.get_json()["error"]
+    assert message == (
+        "No agent 'dentsit' is deployed (the deployed agents are: default, dentist)."
+    )
+    assert redis.zcard(DUE) == 0
+    # The default agent may be named, as it may be left out.
+    assert queue(api, {"to": "+15551230001", "agent": "default"}).status_code == 202
 
 
 @pytest.mark.parametrize(
