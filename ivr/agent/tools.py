@@ -32,6 +32,9 @@ Where handlers run, and what that guarantees:
   stop a running thread, so a handler with side effects (a booking, a
   message) calls `call.proceed()` just before making them: it raises
   `ToolAbandoned` once the handler's time is up.
+- a handler with side effects is registered with `side_effects=True`:
+  `call.on_side_effect` marks the turn before it runs, so a held turn whose
+  worker stopped is never run again elsewhere (gather/takeover.py).
 """
 
 from __future__ import annotations
