@@ -56,7 +56,8 @@ timeout = 30
 # A stop (a deploy, a restart, a scale-down: SIGTERM) lets held turns, which
 # run behind a hold line for up to TURN_MAX_SECONDS, finish and store their
 # answer. Platforms SIGKILL about 30 s after SIGTERM; this stays under it.
-graceful_timeout = 25
+# A held turn still running near its end is handed to another worker (worker_exit).
+graceful_timeout = int(_setting("GUNICORN_GRACEFUL_TIMEOUT", "25"))
 # worker_exit stops waiting this long before the master's SIGKILL would come.
 STOP_MARGIN = 2.0
 # Above the platform router's idle timeout so the router, not gunicorn, closes idle sockets.
@@ -125,6 +126,11 @@ def worker_exit(server, worker):
     ]
     for conversation in lines:  # every agent's held turns, then what Redis has not taken
         conversation.hold.close(timeout=left())
+    # Imported here, in the worker: the master never imports the package.
+    from ivr.gather.takeover import release_unfinished
+
+    for conversation in lines:  # not done in time: a /turn-wait elsewhere runs them again
+        release_unfinished(conversation.hold)
     for conversation in lines:
         conversation.backlog.close(timeout=min(3.0, left()))
 

@@ -1,5 +1,6 @@
 """Tools a deployer might add; loaded by tests through TOOLS_MODULES."""
 
+import os
 import time
 
 from ivr.tools import tool
@@ -41,3 +42,18 @@ def slow(call):
 def lookup_slowly(call, seconds):
     time.sleep(seconds)
     return {"found": True, "after_seconds": seconds}
+
+
+@tool(
+    "book_slowly",
+    "Book a table in a slow reservations system.",
+    {"type": "object", "properties": {"seconds": {"type": "number"}}, "required": ["seconds"]},
+    enabled=_loaded,
+    side_effects=True,
+)
+def book_slowly(call, seconds):
+    # Each run leaves a line, so a test can count bookings across processes.
+    with open(os.environ["BOOKINGS_FILE"], "a") as bookings:
+        bookings.write(f"{call.call_sid}\n")
+    time.sleep(seconds)
+    return {"booked": True}

@@ -32,6 +32,9 @@ Where handlers run, and what that guarantees:
   stop a running thread, so a handler with side effects (a booking, a
   message) calls `call.proceed()` just before making them: it raises
   `ToolAbandoned` once the handler's time is up.
+- a handler with side effects is registered with `side_effects=True`:
+  `call.on_side_effect` marks the turn before it runs, so a held turn whose
+  worker stopped is never run again elsewhere (gather/takeover.py).
 """
 
 from __future__ import annotations
@@ -71,6 +74,9 @@ class ToolCall:
     caller: str
     settings: Settings
     action: dict | None = None  # {"type": "transfer", "number": ...} or {"type": "hangup"}
+    # Called just before a tool declared with side_effects=True runs: a turn that
+    # has begun one is never run a second time elsewhere (gather/takeover.py).
+    on_side_effect: Callable[[], None] | None = None
 
     def proceed(self) -> None:
         """Raise ToolAbandoned if this handler's time is up; call it before a side effect."""
@@ -87,6 +93,7 @@ class Tool:
     handler: Callable[..., object]
     enabled: Callable[[Settings], bool] = field(default=lambda settings: True)
     module: str = ""  # the module that registered it: agents offer their own modules' tools
+    side_effects: bool = False  # it changes something outside the call (books, sends, charges)
 
 
 class ToolRegistry:
@@ -114,8 +121,14 @@ class ToolRegistry:
         description: str,
         parameters: dict | None = None,
         enabled: Callable[[Settings], bool] | None = None,
+        side_effects: bool = False,
     ):
-        """Decorator: make a function callable by the model."""
+        """Decorator: make a function callable by the model.
+
+        `side_effects=True` for a tool that changes something outside the call:
+        a turn that ran it is never run again on another worker after its own
+        worker stopped. Lookups, and tools that only set `call.action`, have none.
+        """
 
         def decorator(handler):
             self._tools[name] = Tool(
@@ -125,6 +138,7 @@ class ToolRegistry:
                 handler,
                 enabled or (lambda settings: True),
                 getattr(handler, "__module__", "") or "",
+                side_effects,
             )
             return handler
 
@@ -186,6 +200,12 @@ class ToolRegistry:
         except ValueError as exc:
             return json.dumps({"error": f"bad arguments: {exc}"})
         limit = call.settings.tool_timeout if timeout is None else timeout
+        if tool.side_effects and call.on_side_effect is not None:
+            try:
+                call.on_side_effect()
+            except Exception as exc:  # unmarked, a takeover could run it twice
+                log.error("call %s: tool %s not run: %s", call.call_sid, name, exc)
+                return json.dumps({"error": f"{name} cannot run now"})
         with _running_lock:
             if _running.get(call.call_sid, 0) >= MAX_RUNNING_PER_CALL:
                 log.warning("call %s: tool %s refused: too many still running", call.call_sid, name)

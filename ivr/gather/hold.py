@@ -35,7 +35,7 @@ import time
 import redis
 
 from ..agent.prompts import acknowledgements, normalise_words, pick_line
-from . import budget
+from . import budget, takeover
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +81,16 @@ class Hold:
                     f"{time.time() + settings.turn_max:.3f}",
                     ex=int(settings.turn_max) + 60,
                 )
+                # Kept so another worker can run the turn again if this one stops.
+                key = lambda part: self._key(sid, part)  # noqa: E731
+                takeover.queue_words(pipe, key, turn, heard, int(settings.turn_max) + 60)
                 # In the same round trip: did the caller speak over turn N-1's hold
                 # line before any webhook gave them its answer?
                 pipe.exists(self._key(sid, f"onhold:{turn - 1}"))
                 pipe.exists(self._key(sid, f"heard:{turn - 1}"))
                 speculation = self.conversation.speculation
                 speculation.queue_lookup(pipe, sid, turn)
-                _, on_hold, heard_it, speculated = pipe.execute()
+                _, _, on_hold, heard_it, speculated = pipe.execute()
             speculation.looked_up(sid, turn, speculated)  # read by the thread's copied context
             if on_hold and not heard_it:
                 self._unheard(sid, turn - 1)
@@ -145,6 +148,7 @@ class Hold:
         thread = threading.Thread(
             target=contextvars.copy_context().run, args=(work,), daemon=True, name="held-turn"
         )
+        thread.held = (sid, turn, claim)  # for a stop that cannot wait for it (takeover.py)
         with self._lock:
             self._running.add(thread)
         thread.start()
@@ -200,6 +204,11 @@ class Hold:
             # The garbage collector may finalise the app on one of these very threads.
             if thread is not threading.current_thread():
                 thread.join(max(0.0, until - time.monotonic()))
+
+    def unfinished(self) -> list[tuple[str, int, tuple[str, str]]]:
+        """(CallSid, turn, claim keys) of the held turns still running."""
+        with self._lock:
+            return [t.held for t in self._running if t.is_alive() and hasattr(t, "held")]
 
     def _answer(
         self, conversation, sid: str, turn: int, heard, deadline: float, ready=None
@@ -259,6 +268,9 @@ class Hold:
                     self._heard(sid, turn)
                     return json.loads(stored)
                 if self._lost(claimed, until_epoch, began):
+                    taken = self._take_over(sid, turn) if claimed is None else None
+                    if taken is not None:
+                        return taken
                     log.error("call %s turn %s: its worker is gone; error line", sid, turn)
                     return self._give_up(sid, turn, "error")
                 left = until - time.monotonic()
@@ -272,6 +284,28 @@ class Hold:
         except redis.RedisError as exc:
             log.error("call %s turn %s: Redis failed while waiting: %s", sid, turn, exc)
             return self._error(turn, "error")
+
+    def _take_over(self, sid: str, turn: int) -> dict | None:
+        """Run turn N again here, its owner gone (takeover.py); None if it cannot be."""
+        heard, effect = takeover.stored_words(self.redis, lambda p: self._key(sid, p), turn)
+        if heard is None:
+            return None
+        if effect:  # a side effect may have happened: never twice
+            log.error("call %s turn %s: its worker is gone after a side effect", sid, turn)
+            return self._give_up(sid, turn, "apology")
+        owner = self.leases.claimant()
+        stored, claimed = self.store.begin_turn(sid, turn, owner, self.leases.lease_ms)
+        if stored:
+            self._heard(sid, turn)
+            return stored
+        if not claimed:
+            return self.hold_line(sid, turn)  # another waiter took it over first
+        self.leases.hold(*self.store.claim_keys(sid, turn))
+        log.warning("call %s turn %s: its worker is gone; running the turn again", sid, turn)
+        result = self.run(sid, turn, heard, time.monotonic())
+        if result.get("kind") != "hold":
+            self._heard(sid, turn)
+        return result
 
     def _heard(self, sid: str, turn: int) -> None:
         """A webhook is giving turn N's answer: only now does it count as heard."""

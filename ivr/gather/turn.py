@@ -25,7 +25,7 @@ from ..config import WEBHOOK_ANSWER_SECONDS, Settings
 from ..store import calllog
 from ..store.backlog import Backlog
 from ..store.calls import CallStore, TurnRecord
-from . import budget
+from . import budget, takeover
 from .claims import Leases
 from .hold import Hold
 from .replay import ReplayProtection
@@ -269,7 +269,17 @@ class Conversation(ReplayProtection):
                 "next": None,
                 "end_reason": "limit-reached",
             }, []
-        call = ToolCall(call_sid=sid, caller=heard.caller, settings=settings)
+        call = ToolCall(
+            call_sid=sid,
+            caller=heard.caller,
+            settings=settings,
+            on_side_effect=takeover.marker(
+                self.store.redis,
+                lambda part: self.store._key(sid, part),
+                turn,
+                int(settings.turn_max) + 60,
+            ),
+        )
         reply = self._speculated(sid, turn, heard, record, deadline)
         try:
             reply = reply or self.responder.reply(
