@@ -16,6 +16,9 @@ class Heard:
     confidence: float | None = None
     digits: str = ""
     caller: str = ""
+    # When Twilio's words reached us (epoch s): the transcript entry's time, so a
+    # turn run again (takeover.py) writes the very same entry, which is read once.
+    at: float = 0.0
 
 
 def render_result(result: dict, settings: Settings, agent: str = ""):

@@ -241,7 +241,9 @@ class Conversation(ReplayProtection):
             words = heard.speech
 
         self._flush_backlog(sid)
-        record = self._safely(sid, "record caller", lambda: self.store.record_caller(sid, words))
+        record = self._safely(
+            sid, "record caller", lambda: self.store.record_caller(sid, words, at=heard.at)
+        )
         result, messages = self._reply(sid, turn, heard, words, record, deadline, next_turn)
         if record is None:
             # Not recorded (Redis down): the words go with the answer, into the

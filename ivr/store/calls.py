@@ -197,7 +197,7 @@ class CallStore:
 
     # -- conversation -----------------------------------------------------------
 
-    def record_caller(self, sid: str, words: str, mode: str = "gather") -> TurnRecord:
+    def record_caller(self, sid: str, words: str, mode: str = "gather", at=0.0) -> TurnRecord:
         """Append the caller's words and return the history the LLM should see.
 
         One transaction: the words are stored (never lost, whatever happens
@@ -206,7 +206,7 @@ class CallStore:
         """
         transcript, meta = self._key(sid, "transcript"), self._key(sid, "meta")
         with self.redis.pipeline(transaction=True) as pipe:
-            self._push(pipe, sid, _entry("user", words, mode))
+            self._push(pipe, sid, _entry("user", words, mode, ts=round(at or time.time(), 3)))
             pipe.hset(meta, "reprompts", 0)
             pipe.hincrby(meta, "turns", 1)
             pipe.lrange(transcript, -self.history_max, -1)

@@ -172,6 +172,7 @@ def process_speech(sid: str):
         confidence=_confidence(),
         digits=form.get("Digits", "").strip(),
         caller=form.get("From", ""),
+        at=time.time(),
     )
     line = agent_for_request()
     result = line.conversation.take_turn(sid, _turn(), heard, started)

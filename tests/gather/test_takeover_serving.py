@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from ivr.store.calls import CallStore
+
 from ..fakes.openai_server import CallTool, Hang, Reply
 from ..fakes.redis_server import free_port
 from ..test_serving import post, start_gunicorn
@@ -31,6 +33,7 @@ def servers(config, tmp_path):
         GUNICORN_GRACEFUL_TIMEOUT="4",
         BOOKINGS_FILE=str(tmp_path / "bookings"),
     )
+    del env["HOLD_AFTER_SECONDS"]  # the default, not the suite's inline-only 0
     ports = [free_port(), free_port()]
     with ThreadPoolExecutor(2) as pool:
         procs = list(
@@ -80,12 +83,18 @@ def test_a_turn_cut_off_by_a_stop_is_run_again_elsewhere(servers, fake_openai, p
     assert answer.find("Gather").get("action") == "/process-speech?turn=2"
     # The model was asked again, with the caller's words.
     assert len(fake_openai.chat_requests) == 2
-    assert fake_openai.chat_requests[1]["messages"][-1]["content"] == "A table for two, please."
+    asked = [m["content"] for m in fake_openai.chat_requests[1]["messages"]]
+    assert asked[-1] == "A table for two, please."
+    assert asked.count("A table for two, please.") == 1  # recorded again, read once
     stored = json.loads(redis.hget(f"ivr:{{{sid}}}:results", "1"))
     assert stored["text"] == "A table for two at eight."
     error = (prompts_dir / "error.txt").read_text().strip()
     said = [e["content"] for e in map(json.loads, redis.lrange(f"ivr:{{{sid}}}:transcript", 0, -1))]
     assert error not in said
+    assert said.count("A table for two, please.") <= 2  # the same entry, written again
+    store = CallStore(redis, history_max=20, ttl=600, retention=600)
+    transcript = [e["content"] for e in store.transcript(sid)]
+    assert transcript.count("A table for two, please.") == 1
 
 
 def test_a_turn_whose_side_effect_began_is_not_run_twice(
