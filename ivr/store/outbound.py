@@ -154,12 +154,9 @@ def _text(value) -> str:
 
 
 class OutboundQueue:
-    """The queue of outbound calls and this process's dialer.
-
-    `place(to, from_, call_id, agent)` asks Twilio for the call and returns a
-    telephony.rest.Placement; `find(to, from_, since)` lists CallSids Twilio
-    already has for it (the wiring binds both to the REST client).
-    """
+    """The queue of outbound calls and this process's dialer. `place(to, from_, call_id,
+    agent)` asks Twilio for the call and returns a telephony.rest.Placement; `find(to,
+    from_, since)` lists CallSids Twilio already has for it (bound to the REST client)."""
 
     @classmethod
     def from_settings(
