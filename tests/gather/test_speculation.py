@@ -231,6 +231,7 @@ def test_the_call_log_says_a_turn_was_answered_from_a_speculation(config, fake_o
     call.start()
     fake_openai.answer_when("where is my parcel", Reply(ANSWER))
     speak(call, "where is my parcel")
+    assert wait_for(lambda: spec(redis, call.sid).get("state") == "ready")  # however loaded
     call.say("Where is my parcel?")
     call.say("And my refund?")  # the control: answered the ordinary way
     auth = {
