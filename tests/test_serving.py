@@ -245,3 +245,37 @@ def test_prompts_and_tool_modules_are_found_in_the_working_directory(config, app
     assert settings.prompts_dir.resolve() == (app_root / "prompts").resolve()
     load_modules("my_tools_for_test")
     assert sys.modules["my_tools_for_test"].LOADED
+
+
+def write_agent(root: Path, name: str, text: str) -> Path:
+    path = root / "agents" / name / "agent.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("sales", "support", "sentence"),
+    [
+        ('numbers: ["+15550001111"]\n', 'numbers: ["+15550001111"]\n', "is also claimed by"),
+        ("numbers: [+15550001111\n", 'numbers: ["+15550002222"]\n', "cannot be read"),
+        (
+            'numbers: ["+15550001111"]\nsettings: {REDIS_URL: "redis://elsewhere"}\n',
+            'numbers: ["+15550002222"]\n',
+            "REDIS_URL",
+        ),
+    ],
+    ids=["number-claimed-twice", "unreadable-yaml", "deployment-wide-setting"],
+)
+def test_a_bad_agent_yaml_stops_gunicorn_naming_the_file(
+    config, app_root, sales, support, sentence
+):
+    write_agent(app_root, "sales", sales)
+    write_agent(app_root, "support", support)
+    code, out = gunicorn_exit(base_env(config) | {"AGENTS_DIR": "agents"}, app_root)
+    assert code != 0
+    lines = [line for line in out.splitlines() if sentence in line]
+    assert len(lines) == 1, out
+    assert "agents/sales/agent.yaml" in lines[0], out  # AGENTS_DIR as the deployer wrote it
+    assert "Traceback" not in out and "Booting worker" not in out, out
+    assert "Listening at" not in out, out
