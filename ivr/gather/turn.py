@@ -243,7 +243,10 @@ class Conversation(ReplayProtection):
             words = heard.speech
 
         self._flush_backlog(sid)
-        record = self._safely(sid, "record caller", lambda: self.store.record_caller(sid, words))
+        last = settings.history_max_messages  # the call's agent's window
+        record = self._safely(
+            sid, "record caller", lambda: self.store.record_caller(sid, words, history_max=last)
+        )
         result, messages = self._reply(sid, turn, heard, words, record, deadline, next_turn)
         if record is None:
             # Not recorded (Redis down): the words go with the answer, into the

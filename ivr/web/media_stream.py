@@ -114,7 +114,7 @@ def media_stream(ws):
 
     relay = Relay(
         twilio,
-        lambda: open_realtime(services, relay.config.model),
+        lambda: open_realtime(services, relay.config.model, relay.config.connect_timeout),
         store=services.store,
         admission=_admission(services),
         config=relay_config(services),
