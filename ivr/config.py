@@ -175,12 +175,14 @@ PER_CALL = frozenset(
         "CONFIDENCE_THRESHOLD",
         "REPROMPT_LIMIT",
         "MAX_REPLY_CHARS",
+        "HISTORY_MAX_MESSAGES",
         "TTS_VOICE",
         "SPEECH_LANGUAGE",
         "SPEECH_MODEL",
         "SPEECH_TIMEOUT",
         "SPEECH_HINTS",
         "STREAMING_ENABLED",
+        "STREAM_CONNECT_TIMEOUT_SECONDS",
         "REALTIME_VOICE",
         "REALTIME_TURN_DETECTION",
         "REALTIME_TRANSCRIPTION_MODEL",
@@ -195,6 +197,7 @@ PER_CALL = frozenset(
         "MAX_TURNS",
         "HOLD_AFTER_SECONDS",
         "TURN_MAX_SECONDS",
+        "SPECULATIVE_ANSWERS",
     }
 )
 assert PER_CALL <= set(ENV_NAMES)

@@ -167,7 +167,7 @@ class Speculation:
         spec = self._key(sid, f"spec:{turn}")
         claim = self.store.claim_keys(sid, turn)[0]
         results = self._key(sid, "results")
-        history = self.store.history_before_words(sid)
+        history = self.store.history_before_words(sid, self.settings.history_max_messages)
         now = time.time()
 
         def begin(pipe):

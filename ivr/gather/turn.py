@@ -241,8 +241,11 @@ class Conversation(ReplayProtection):
             words = heard.speech
 
         self._flush_backlog(sid)
+        last = settings.history_max_messages  # the call's agent's window
         record = self._safely(
-            sid, "record caller", lambda: self.store.record_caller(sid, words, at=heard.at)
+            sid,
+            "record caller",
+            lambda: self.store.record_caller(sid, words, at=heard.at, history_max=last),
         )
         result, messages = self._reply(sid, turn, heard, words, record, deadline, next_turn)
         if record is None:

@@ -197,19 +197,20 @@ class CallStore:
 
     # -- conversation -----------------------------------------------------------
 
-    def record_caller(self, sid: str, words: str, mode: str = "gather", at=0.0) -> TurnRecord:
-        """Append the caller's words and return the history the LLM should see.
-
-        One transaction: the words are stored (never lost, whatever happens
-        next), the reprompt streak resets, and the recent history comes back in
-        the same round trip.
-        """
+    def record_caller(
+        self, sid: str, words: str, mode: str = "gather", history_max: int = 0, at=0.0
+    ) -> TurnRecord:
+        """Append the caller's words and return the history the LLM should see
+        (its last `history_max` messages: the call's agent's; 0: the deployment's).
+        One transaction: the words are stored (never lost, whatever happens next),
+        the reprompt streak resets, and the recent history comes back with it.
+        `at`: when Twilio's words arrived, the entry's time (gather/results.py)."""
         transcript, meta = self._key(sid, "transcript"), self._key(sid, "meta")
         with self.redis.pipeline(transaction=True) as pipe:
             self._push(pipe, sid, _entry("user", words, mode, ts=round(at or time.time(), 3)))
             pipe.hset(meta, "reprompts", 0)
             pipe.hincrby(meta, "turns", 1)
-            pipe.lrange(transcript, -self.history_max, -1)
+            pipe.lrange(transcript, -(history_max or self.history_max), -1)
             pipe.hget(meta, "started")
             self._expire_all(pipe, sid, self.ttl)
             replies = pipe.execute()
@@ -292,16 +293,16 @@ class CallStore:
             self._expire_all(pipe, sid, self.ttl)
             pipe.execute()
 
-    def history(self, sid: str) -> list[dict]:
-        """The recent messages, as the LLM sees them."""
-        return _messages(self.redis.lrange(self._key(sid, "transcript"), -self.history_max, -1))
+    def history(self, sid: str, history_max: int = 0) -> list[dict]:
+        """The recent messages, as the LLM sees them (history_max as in record_caller)."""
+        last = history_max or self.history_max
+        return _messages(self.redis.lrange(self._key(sid, "transcript"), -last, -1))
 
-    def history_before_words(self, sid: str) -> list[dict]:
+    def history_before_words(self, sid: str, history_max: int = 0) -> list[dict]:
         """The history record_caller() would return now, less the caller's new words
         (gather/speculation.py): the same window of entries, one shorter."""
-        return _messages(
-            self.redis.lrange(self._key(sid, "transcript"), -(self.history_max - 1), -1)
-        )
+        last = (history_max or self.history_max) - 1
+        return _messages(self.redis.lrange(self._key(sid, "transcript"), -last, -1))
 
     def transcript(self, sid: str) -> list[dict]:
         return parse_entries(self.redis.lrange(self._key(sid, "transcript"), 0, -1))

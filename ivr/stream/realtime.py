@@ -54,17 +54,19 @@ def relay_config(services, line=None, prompts=None, outbound: bool = False) -> R
         turn_detection=settings.realtime_turn_detection,
         transcription_model=settings.realtime_transcription_model,
         connect_timeout=settings.stream_connect_timeout,
+        history_max=settings.history_max_messages,
         tools=line.call_control.realtime_tools(),
     )
 
 
-def open_realtime(services, model: str = ""):
-    """A live realtime connection (GA protocol), or an exception within the budget."""
+def open_realtime(services, model: str = "", timeout: float | None = None):
+    """A live realtime connection (GA protocol), or an exception within the budget
+    (`timeout`: the call's agent's STREAM_CONNECT_TIMEOUT_SECONDS; none: the default's)."""
     manager = services.openai.realtime.connect(
         model=model or services.settings.openai_realtime_model,
         # No compression: base64 audio gains little, and every frame would pay for it.
         websocket_connection_options={
-            "open_timeout": services.settings.stream_connect_timeout,
+            "open_timeout": timeout or services.settings.stream_connect_timeout,
             "compression": None,
             "create_connection": HandOverConnection,
         },

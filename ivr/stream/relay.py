@@ -64,6 +64,7 @@ class RelayConfig:
     turn_detection: str = "server_vad"
     transcription_model: str = "gpt-4o-mini-transcribe"
     connect_timeout: float = 2.0
+    history_max: int = 0  # messages of the call's history the session starts with; 0: the store's
     tools: list = field(default_factory=list)  # realtime function definitions
 
 
@@ -93,6 +94,10 @@ class Relay(Admitting, TwilioSide, ModelEvents):
         self.control = control
         # (session, call control) for the call's `start` parameters: its agent's.
         self.per_call = per_call
+        # The call's session (its agent's history window among it) is known from here.
+        self._config_chosen = threading.Event()
+        if per_call is None:
+            self._config_chosen.set()
         self._start_seen = threading.Event()
 
         self.model = None
@@ -205,6 +210,8 @@ class Relay(Admitting, TwilioSide, ModelEvents):
             except Exception as exc:  # a bug: the call goes on in Gather mode
                 self._model_failed = f"session not chosen: {exc!r}"
                 return
+            finally:
+                self._config_chosen.set()
         try:
             model = self.open_model()
         except Exception as exc:  # refused, timed out, bad credentials: all mean fall back
@@ -281,7 +288,10 @@ class Relay(Admitting, TwilioSide, ModelEvents):
     def _load_history(self) -> None:
         try:
             if self.store and self.call_sid:
-                self._history = self.store.history(self.call_sid)
+                # The connector chooses the session as the claim is answered; the greeting
+                # waits HISTORY_WAIT at most for the history whatever happens here.
+                self._config_chosen.wait(HISTORY_WAIT)
+                self._history = self.store.history(self.call_sid, self.config.history_max)
         except Exception as exc:  # Redis down: the call goes on without memory
             log.error("call %s: history unavailable for the stream: %s", self.call_sid, exc)
         finally:

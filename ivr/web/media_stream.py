@@ -115,7 +115,7 @@ def media_stream(ws):
     # session is chosen once it is there, Twilio sends it as the socket opens.
     relay = Relay(
         twilio,
-        lambda: open_realtime(services, relay.config.model),
+        lambda: open_realtime(services, relay.config.model, relay.config.connect_timeout),
         store=services.store,
         admission=_admission(services),
         config=relay_config(services),
