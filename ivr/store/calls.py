@@ -337,8 +337,8 @@ class CallStore:
         in_flight = self._key(sid, "in-flight")
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.hget(self._key(sid, "results"), str(turn))
-            pipe.set(claim, owner, nx=True, px=lease_ms)
-            pipe.get(claim)
+            # The holder before: none when this SET took the claim.
+            pipe.set(claim, owner, nx=True, px=lease_ms, get=True)
             # Listed whoever claims: a turn whose claim is gone (answered, given
             # back, lapsed) is not waited for, so a member too many costs nothing.
             # A lease per turn: a caller talking over a hold line has two turns
@@ -346,12 +346,12 @@ class CallStore:
             pipe.sadd(in_flight, turn)
             pipe.expire(in_flight, self.ttl)
             take = also(pipe) if also else None
-            stored, claimed, holder, _, _, *theirs = pipe.execute()
+            stored, holder, _, _, *theirs = pipe.execute()
         if take:
             take(theirs)
         # The client re-sends the transaction when the connection drops before its
         # replies: the first SET may have landed, and the claim it left is ours.
-        claimed = bool(claimed) or _text(holder or b"") == owner
+        claimed = holder is None or _text(holder) == owner
         if claimed and stored:
             # A repeat of an answered turn took a lease no one renews or ends.
             try:
