@@ -19,6 +19,7 @@ import logging
 import random
 import re
 import threading
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ OUTBOUND_LINES = {
     "voicemail": "Sorry we missed you. We will try again later. Goodbye.",
 }
 
-CALL_VARIABLES: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+CALL_VARIABLES: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
     "ivr_call_variables", default=None
 )
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -68,7 +69,30 @@ _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _NOT_PLAIN = re.compile(r"[\s\x00-\x1f\x7f-\x9f]+")
 
 
-def fill(text: str, variables: dict[str, str] | None) -> str:
+class LaterVariables(Mapping[str, str]):
+    """A call's variables, read (by `read`) only once a prompt has a `{name}` to fill:
+    most prompts have none, and reading them on every webhook costs a Redis round trip."""
+
+    def __init__(self, read: Callable[[], dict[str, str]]):
+        self._read = read
+        self._values: dict[str, str] | None = None
+
+    def _loaded(self) -> dict[str, str]:
+        if self._values is None:
+            self._values = self._read()
+        return self._values
+
+    def __getitem__(self, name: str) -> str:
+        return self._loaded()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaded())
+
+    def __len__(self) -> int:
+        return len(self._loaded())
+
+
+def fill(text: str, variables: Mapping[str, str] | None) -> str:
     """`text` with each `{name}` replaced by its variable's value, or left out when missing.
 
     One pass over the template: a value holding `{other}` is not expanded again.

@@ -52,6 +52,10 @@ MISSING_GRACE = 1.0
 LATE_GRACE = 3.0
 
 
+# What the round trip that claimed a turn read for holding it (queue_claim).
+_looked: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("held_looked", default=None)
+
+
 class Hold:
     """Runs a turn in the background once it is slow, and waits for it anywhere."""
 
@@ -75,23 +79,19 @@ class Hold:
         deadline = started + settings.turn_max
         claim = self.store.claim_keys(sid, turn)
         try:
-            with self.redis.pipeline(transaction=False) as pipe:
-                pipe.set(
-                    self._key(sid, f"held:{turn}"),
-                    f"{time.time() + settings.turn_max:.3f}",
-                    ex=int(settings.turn_max) + 60,
-                )
-                # Kept so another worker can run the turn again if this one stops.
-                key = lambda part: self._key(sid, part)  # noqa: E731
-                takeover.queue_words(pipe, key, turn, heard, int(settings.turn_max) + 60)
-                # In the same round trip: did the caller speak over turn N-1's hold
-                # line before any webhook gave them its answer?
-                pipe.exists(self._key(sid, f"onhold:{turn - 1}"))
-                pipe.exists(self._key(sid, f"heard:{turn - 1}"))
-                speculation = self.conversation.speculation
-                speculation.queue_lookup(pipe, sid, turn)
-                _, _, on_hold, heard_it, speculated = pipe.execute()
-            speculation.looked_up(sid, turn, speculated)  # read by the thread's copied context
+            looked = _looked.get()
+            _looked.set(None)  # this turn's alone: a later request may run in this context
+            if looked is None or looked[:2] != (sid, turn):
+                # Not looked up as the turn was claimed (a takeover): one round trip more.
+                with self.redis.pipeline(transaction=False) as pipe:
+                    speculation = self.conversation.speculation
+                    speculation.queue_lookup(pipe, sid, turn)
+                    self.queue_claim(pipe, sid, turn, heard, first=False)
+                    speculated, *replies = pipe.execute()
+                speculation.looked_up(sid, turn, speculated)  # read by the thread's copied context
+                self.claimed(sid, turn, replies)
+                looked = _looked.get()
+            on_hold, heard_it = looked[2:]
             if on_hold and not heard_it:
                 self._unheard(sid, turn - 1)
         except redis.RedisError as exc:
@@ -138,7 +138,11 @@ class Hold:
                     log.exception("call %s turn %s: unexpected error while held", sid, turn)
                     self._give_up(sid, turn, "apology")
             finally:
-                self._signal(sid, turn)
+                if not ("answer" in outcome or "error" in outcome):
+                    # Held: waiters wake now. An outcome the request itself gives
+                    # has no waiter to wake (a repeated delivery's wait looks again
+                    # within a slice), so that round trip is saved.
+                    self._signal(sid, turn)
                 self.leases.forget(*claim)
                 with self._lock:
                     self._running.discard(threading.current_thread())
@@ -163,6 +167,29 @@ class Hold:
             return outcome["answer"]
         log.info("call %s turn %s: not ready after %gs; holding", sid, turn, settings.hold_after)
         return self.hold_line(sid, turn)
+
+    def queue_claim(self, pipe, sid: str, turn: int, heard, first: bool = True) -> None:
+        """Queue what holding turn N needs in the round trip that claims it (its
+        replies go to `claimed`). `first`: the turn's first claim, not a takeover,
+        whose own deadline replaces the first one's."""
+        ttl = int(self.settings.turn_max) + 60
+        pipe.set(
+            self._key(sid, f"held:{turn}"),
+            f"{time.time() + self.settings.turn_max:.3f}",
+            ex=ttl,
+            nx=first,  # a repeated delivery does not push the owner's deadline back
+        )
+        # Kept so another worker can run the turn again if this one stops.
+        takeover.queue_words(pipe, lambda part: self._key(sid, part), turn, heard, ttl)
+        # Did the caller speak over turn N-1's hold line before any webhook gave
+        # them its answer?
+        pipe.exists(self._key(sid, f"onhold:{turn - 1}"))
+        pipe.exists(self._key(sid, f"heard:{turn - 1}"))
+
+    @staticmethod
+    def claimed(sid: str, turn: int, replies) -> None:
+        """The replies to what `queue_claim` queued, for `run`."""
+        _looked.set((sid, turn, *replies[-2:]))
 
     def _unheard(self, sid: str, turn: int) -> None:
         """Turn N's answer never reached the caller: the model is told so (store/calls.py)."""

@@ -11,7 +11,7 @@ REPLAY_POLL_SECONDS = 0.1
 
 
 class ReplayProtection:
-    def _claim_or_replay(self, sid: str, turn: int, started: float) -> dict | None:
+    def _claim_or_replay(self, sid: str, turn: int, started: float, heard) -> dict | None:
         """None when this delivery owns the turn; else the answer to replay.
 
         A repeated delivery waits for the first one's answer while that one's
@@ -26,7 +26,9 @@ class ReplayProtection:
             stored, claimed = self._safely(
                 sid,
                 "begin turn",
-                lambda: self.store.begin_turn(sid, turn, owner, self.leases.lease_ms),
+                lambda: self.store.begin_turn(
+                    sid, turn, owner, self.leases.lease_ms, also=self._queue_claim(sid, turn, heard)
+                ),
                 (None, True),  # Redis down: answer without replay protection
             )
             if stored:
@@ -39,6 +41,25 @@ class ReplayProtection:
                     return self.hold.hold_line(sid, turn)
                 return {"kind": "error", "text": self.prompts.line("error"), "next": turn + 1}
             time.sleep(REPLAY_POLL_SECONDS)
+
+    def _queue_claim(self, sid: str, turn: int, heard):
+        """What the turn reads and writes in the round trip that claims it: whether a
+        speculation has begun, and what holding it needs (hold.py)."""
+        holds = bool(self.settings.hold_after)
+
+        def queue(pipe):
+            self.speculation.queue_lookup(pipe, sid, turn)
+            if holds:
+                self.hold.queue_claim(pipe, sid, turn, heard)
+
+            def take(replies):
+                self.speculation.looked_up(sid, turn, replies[0])
+                if holds:
+                    self.hold.claimed(sid, turn, replies[1:])
+
+            return take
+
+        return queue
 
     def _next_turn(self, sid: str, turn: int | None) -> int | None:
         """The number for the next Gather: every Gather has one, so replays are caught."""

@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 
 def queue_words(pipe, key, turn: int, heard: Heard, ttl: int) -> None:
-    """In the held turn's first round trip: keep its words for a takeover."""
-    pipe.set(key(f"words:{turn}"), json.dumps(dataclasses.asdict(heard)), ex=ttl)
+    """In the held turn's first round trip: keep its words for a takeover. The first
+    delivery's stay: a takeover writes the very transcript entry that one wrote."""
+    pipe.set(key(f"words:{turn}"), json.dumps(dataclasses.asdict(heard)), ex=ttl, nx=True)
 
 
 def marker(client: redis.Redis, key, turn: int | None, ttl: int):

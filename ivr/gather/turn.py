@@ -142,7 +142,7 @@ class Conversation(ReplayProtection):
             waiting = self.hold.over_hold_line(sid, turn, heard)
             if waiting is not None:
                 return waiting
-        replay = self._claim_or_replay(sid, turn, started)
+        replay = self._claim_or_replay(sid, turn, started, heard)
         if replay is not None:
             return replay
         if self.settings.hold_after:

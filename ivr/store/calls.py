@@ -8,9 +8,9 @@ whole call on one shard and MULTI transactions over them are allowed:
                           outbound_id, answered_by
     ivr:{CA…}:transcript  list of JSON entries {role, content, ts, mode}
     ivr:{CA…}:results     hash: turn number -> the answer already given (replays)
-    ivr:{CA…}:claim:N     lease (gather/claims.py): the worker answering turn N
-    ivr:{CA…}:answering:N lease: turn N is being answered (the report waits for it)
-    ivr:{CA…}:in-flight   set: turns whose answering lease may still be live
+    ivr:{CA…}:claim:N     lease (gather/claims.py): the worker answering turn N; the
+                          report waits while it is live
+    ivr:{CA…}:in-flight   set: turns whose claim may still be live
     ivr:{CA…}:reported    the end-of-call report is queued (report.py)
     ivr:{CA…}:hold        the last hold line said (gather/hold.py)
     ivr:{CA…}:stream      the StreamSid of the call's one media stream
@@ -317,37 +317,48 @@ class CallStore:
 
     # -- one Gather turn: begin and end in one round trip each -------------------
 
-    def claim_keys(self, sid: str, turn: int) -> tuple[str, str]:
+    def claim_keys(self, sid: str, turn: int) -> tuple[str, ...]:
         """The leases a delivery holds while it answers `turn` (see gather/claims.py)."""
-        return self._key(sid, f"claim:{turn}"), self._key(sid, f"answering:{turn}")
+        return (self._key(sid, f"claim:{turn}"),)
 
     def begin_turn(
-        self, sid: str, turn: int, owner: str, lease_ms: int
+        self, sid: str, turn: int, owner: str, lease_ms: int, also=None
     ) -> tuple[dict | None, bool]:
         """(stored answer or None, whether this delivery claimed the turn).
 
         A webhook delivered twice (Twilio or a proxy retrying) finds the first
         delivery's answer here, or learns that the first is still being answered.
         The claim is a lease in `owner`'s name that lapses unless renewed.
+
+        One round trip for the whole beginning of a turn: `also(pipe)` queues the
+        caller's own commands in the same transaction and returns what takes
+        their replies (a list, in the order queued).
         """
-        claim, answering = self.claim_keys(sid, turn)
-        with self.redis.pipeline(transaction=False) as pipe:
+        (claim,) = self.claim_keys(sid, turn)
+        in_flight = self._key(sid, "in-flight")
+        with self.redis.pipeline(transaction=True) as pipe:
             pipe.hget(self._key(sid, "results"), str(turn))
-            pipe.set(claim, owner, nx=True, px=lease_ms)
-            pipe.get(claim)
-            stored, claimed, holder = pipe.execute()
-        # The client re-sends the pipeline when the connection drops before its
-        # replies: the first SET may have landed, and the claim it left is ours.
-        claimed = bool(claimed) or _text(holder or b"") == owner
-        if claimed and not stored:
+            # The holder before: none when this SET took the claim.
+            pipe.set(claim, owner, nx=True, px=lease_ms, get=True)
+            # Listed whoever claims: a turn whose claim is gone (answered, given
+            # back, lapsed) is not waited for, so a member too many costs nothing.
             # A lease per turn: a caller talking over a hold line has two turns
             # answered at once, and storing one must not end the other's.
-            in_flight = self._key(sid, "in-flight")
-            with self.redis.pipeline(transaction=True) as pipe:
-                pipe.set(answering, owner, px=lease_ms)
-                pipe.sadd(in_flight, turn)
-                pipe.expire(in_flight, self.ttl)
-                pipe.execute()
+            pipe.sadd(in_flight, turn)
+            pipe.expire(in_flight, self.ttl)
+            take = also(pipe) if also else None
+            stored, holder, _, _, *theirs = pipe.execute()
+        if take:
+            take(theirs)
+        # The client re-sends the transaction when the connection drops before its
+        # replies: the first SET may have landed, and the claim it left is ours.
+        claimed = holder is None or _text(holder) == owner
+        if claimed and stored:
+            # A repeat of an answered turn took a lease no one renews or ends.
+            try:
+                self.redis.delete(claim)
+            except redis.RedisError:  # it lapses within one lease anyway
+                pass
         return (json.loads(stored) if stored else None), bool(claimed)
 
     def is_answering(self, sid: str) -> bool:
@@ -356,7 +367,7 @@ class CallStore:
         if not turns:
             return False
         # A turn whose worker died keeps its member, but its lease lapses.
-        leases = [self._key(sid, f"answering:{_text(t)}") for t in turns]
+        leases = [self.claim_keys(sid, int(_text(t)))[0] for t in turns]
         return bool(self.redis.exists(*leases))
 
     def stored_result(self, sid: str, turn: int) -> dict | None:

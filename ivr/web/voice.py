@@ -15,7 +15,8 @@ from twilio.base.exceptions import TwilioException
 
 from .. import metrics
 from ..agent import machines
-from ..agent.prompts import CALL_VARIABLES
+from ..agent.prompts import CALL_VARIABLES, LaterVariables
+from ..gather import budget
 from ..gather.results import Heard, render_result
 from ..logfmt import CALL_SID
 from ..services import get_services
@@ -58,12 +59,21 @@ def twilio_webhook(view):
 
 
 def _use_call_variables(sid: str) -> None:
-    """The call's variables fill `{name}` in every prompt this request reads."""
-    try:
-        CALL_VARIABLES.set(get_services().store.variables(sid))
-    except redis.RedisError as exc:  # the prompts lose their variables, not the caller
-        log.error("call %s: variables not read: %s", sid, exc)
-        CALL_VARIABLES.set(None)
+    """The call's variables fill `{name}` in every prompt this request reads; they
+    are read from Redis when the first prompt that has one is."""
+    store = get_services().store
+
+    def read() -> dict[str, str]:
+        if not budget.leaves_room(store.step_seconds):
+            log.error("call %s: variables not read: the webhook's time is nearly up", sid)
+            return {}
+        try:
+            return store.variables(sid)
+        except redis.RedisError as exc:  # the prompts lose their variables, not the caller
+            log.error("call %s: variables not read: %s", sid, exc)
+            return {}
+
+    CALL_VARIABLES.set(LaterVariables(read))
 
 
 def _outbound_id() -> str:

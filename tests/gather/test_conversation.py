@@ -198,7 +198,7 @@ def test_a_delivery_whose_turn_another_worker_holds_gives_up_at_the_deadline(
     call.say("Hello?")
     call.say("Still there?")
     assert call.gather.get("action") == "/process-speech?turn=3"
-    claim, _ = app.extensions["ivr"].store.claim_keys(call.sid, 3)
+    (claim,) = app.extensions["ivr"].store.claim_keys(call.sid, 3)
     redis.set(claim, "a-worker-still-answering", px=60_000)
     root = call.say("Is anyone there?")
     assert spoken(root) == [(prompts_dir / "error.txt").read_text().strip()]
