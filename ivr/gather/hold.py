@@ -12,7 +12,7 @@ line and redirects again.
 
 Keys, with the same `{CallSid}` hash tag as store/calls.py:
 
-    ivr:{CA…}:claim:N  the turn's claim (store/calls.py), a lease renewed while its
+    ivr:{CA…}:claim:N  the turn's claim (store/turns.py), a lease renewed while its
                        worker lives (claims.py): gone with no answer stored
                        means the owner died
     ivr:{CA…}:held:N   the held turn's deadline (epoch seconds), so a waiter

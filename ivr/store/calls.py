@@ -7,10 +7,7 @@ whole call on one shard and MULTI transactions over them are allowed:
                           and for an outbound call direction, variables (JSON),
                           outbound_id, answered_by
     ivr:{CA…}:transcript  list of JSON entries {role, content, ts, mode}
-    ivr:{CA…}:results     hash: turn number -> the answer already given (replays)
-    ivr:{CA…}:claim:N     lease (gather/claims.py): the worker answering turn N; the
-                          report waits while it is live
-    ivr:{CA…}:in-flight   set: turns whose claim may still be live
+    ivr:{CA…}:results, claim:N, in-flight   a Gather turn's answer and claim (turns.py)
     ivr:{CA…}:reported    the end-of-call report is queued (report.py)
     ivr:{CA…}:hold        the last hold line said (gather/hold.py)
     ivr:{CA…}:stream      the StreamSid of the call's one media stream
@@ -32,6 +29,7 @@ import redis
 from .transcript import entry as _entry
 from .transcript import messages as _messages
 from .transcript import parse as parse_entries
+from .turns import TurnLedger
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +67,10 @@ class TurnRecord:
     started: float | None = None  # when the call began (epoch seconds), for the time limit
 
 
-class CallStore:
+class CallStore(TurnLedger):
+    """A call's record: its arrival, end, transcript and counters; its Gather
+    turns' claims and answers are TurnLedger's (store/turns.py)."""
+
     def __init__(
         self,
         client: redis.Redis,
@@ -314,97 +315,6 @@ class CallStore:
             pipe.hincrby(meta, "reprompts", 1)
             self._expire_all(pipe, sid, self.ttl)
             return pipe.execute()[0]
-
-    # -- one Gather turn: begin and end in one round trip each -------------------
-
-    def claim_keys(self, sid: str, turn: int) -> tuple[str, ...]:
-        """The leases a delivery holds while it answers `turn` (see gather/claims.py)."""
-        return (self._key(sid, f"claim:{turn}"),)
-
-    def begin_turn(
-        self, sid: str, turn: int, owner: str, lease_ms: int, also=None
-    ) -> tuple[dict | None, bool]:
-        """(stored answer or None, whether this delivery claimed the turn).
-
-        A webhook delivered twice (Twilio or a proxy retrying) finds the first
-        delivery's answer here, or learns that the first is still being answered.
-        The claim is a lease in `owner`'s name that lapses unless renewed.
-
-        One round trip for the whole beginning of a turn: `also(pipe)` queues the
-        caller's own commands in the same transaction and returns what takes
-        their replies (a list, in the order queued).
-        """
-        (claim,) = self.claim_keys(sid, turn)
-        in_flight = self._key(sid, "in-flight")
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hget(self._key(sid, "results"), str(turn))
-            # The holder before: none when this SET took the claim.
-            pipe.set(claim, owner, nx=True, px=lease_ms, get=True)
-            # Listed whoever claims: a turn whose claim is gone (answered, given
-            # back, lapsed) is not waited for, so a member too many costs nothing.
-            # A lease per turn: a caller talking over a hold line has two turns
-            # answered at once, and storing one must not end the other's.
-            pipe.sadd(in_flight, turn)
-            pipe.expire(in_flight, self.ttl)
-            take = also(pipe) if also else None
-            stored, holder, _, _, *theirs = pipe.execute()
-        if take:
-            take(theirs)
-        # The client re-sends the transaction when the connection drops before its
-        # replies: the first SET may have landed, and the claim it left is ours.
-        claimed = holder is None or _text(holder) == owner
-        if claimed and stored:
-            # A repeat of an answered turn took a lease no one renews or ends.
-            try:
-                self.redis.delete(claim)
-            except redis.RedisError:  # it lapses within one lease anyway
-                pass
-        return (json.loads(stored) if stored else None), bool(claimed)
-
-    def is_answering(self, sid: str) -> bool:
-        """Whether a live worker is answering any turn of the call right now."""
-        turns = self.redis.smembers(self._key(sid, "in-flight"))
-        if not turns:
-            return False
-        # A turn whose worker died keeps its member, but its lease lapses.
-        leases = [self.claim_keys(sid, int(_text(t)))[0] for t in turns]
-        return bool(self.redis.exists(*leases))
-
-    def stored_result(self, sid: str, turn: int) -> dict | None:
-        raw = self.redis.hget(self._key(sid, "results"), str(turn))
-        return json.loads(raw) if raw else None
-
-    def end_turn(
-        self, sid: str, turn: int | None, result: dict, messages: list[dict] | None = None
-    ) -> None:
-        """Store the turn's answer for replays, and its messages in the transcript.
-
-        `messages` are chat messages: the agent's words, and any tool calls
-        and tool results that led to them.
-        """
-        with self.redis.pipeline(transaction=True) as pipe:
-            if messages:
-                entries = [
-                    _entry(
-                        m["role"],
-                        m.get("content") or "",
-                        "gather",
-                        **{k: v for k, v in m.items() if k not in ("role", "content")},
-                    )
-                    for m in messages
-                ]
-                self._push(pipe, sid, *entries)
-            if result.get("end_reason"):
-                pipe.hset(self._key(sid, "meta"), "end_reason", result["end_reason"])
-            if turn:
-                # The first stored answer wins: a held turn whose worker was
-                # given up for dead must not change what replays say.
-                pipe.hsetnx(self._key(sid, "results"), str(turn), json.dumps(result))
-                # Answered: a replay finds the result, and the report need not wait.
-                pipe.delete(*self.claim_keys(sid, turn))
-                pipe.srem(self._key(sid, "in-flight"), turn)
-            self._expire_all(pipe, sid, self.ttl)
-            pipe.execute()
 
 
 def _text(value) -> str:
