@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import random
 import re
@@ -240,4 +241,11 @@ def acknowledgements(prompts) -> frozenset[str]:
         text = prompts.get("acknowledgements")
     except (PromptError, OSError, UnicodeDecodeError):
         text = "\n".join(BUILT_IN_ACKNOWLEDGEMENTS)
+    return _normalised_lines(text)
+
+
+@functools.lru_cache(maxsize=32)
+def _normalised_lines(text: str) -> frozenset[str]:
+    # Read on every turn and every partial result; the file's text changes
+    # only when someone edits it, so its normalised lines are kept by text.
     return frozenset(filter(None, (normalise_words(line) for line in text.splitlines())))
