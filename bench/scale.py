@@ -169,7 +169,7 @@ def redis_per_turn(redis_url: str, turns: int, threads: int) -> dict:
         sid = f"CAr{i:031x}"
         store.start(sid, caller="+15550000000", callee="+15551111111")
         for n in range(1, turns // threads + 1):
-            store.begin_turn(sid, n, 20)
+            store.begin_turn(sid, n, owner=f"bench-{i}", lease_ms=15_000)
             store.record_caller(sid, f"question {n} " + "word " * 8)
             store.end_turn(sid, n, answer, [{"role": "assistant", "content": "word " * 30}])
 
