@@ -95,6 +95,7 @@ def test_a_turn_cut_off_by_a_stop_is_run_again_elsewhere(servers, fake_openai, p
     store = CallStore(redis, history_max=20, ttl=600, retention=600)
     transcript = [e["content"] for e in store.transcript(sid)]
     assert transcript.count("A table for two, please.") == 1
+    assert store.meta(sid)["turns"] == "1"  # one turn, though its words went in twice
 
 
 def test_a_turn_whose_side_effect_began_is_not_run_twice(
