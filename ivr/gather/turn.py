@@ -236,7 +236,7 @@ class Conversation(ReplayProtection):
             heard.confidence is not None and heard.confidence < settings.confidence_threshold
         ):
             # Confidence is optional in Twilio's request: absent means "accept".
-            return self._reprompt(sid, heard.speech, heard.confidence, next_turn), []
+            return self._reprompt(sid, turn, heard, next_turn), []
         else:
             words = heard.speech
 
@@ -359,9 +359,8 @@ class Conversation(ReplayProtection):
             return "time_limit"
         return None
 
-    def _reprompt(
-        self, sid: str, speech: str, confidence: float | None, next_turn: int | None
-    ) -> dict:
+    def _reprompt(self, sid: str, turn: int | None, heard: Heard, next_turn: int | None) -> dict:
+        speech, confidence = heard.speech, heard.confidence
         if speech:
             # Not used for the answer, but kept: a caller's words are never lost.
             self._safely(
@@ -371,7 +370,10 @@ class Conversation(ReplayProtection):
                     sid, "caller_unclear", speech, "gather", confidence=confidence
                 ),
             )
-        streak = self._safely(sid, "count reprompt", lambda: self.store.count_reprompt(sid), 1)
+        # Counted by turn: once, though the turn is written again (a takeover, a retry).
+        streak = self._safely(
+            sid, "count reprompt", lambda: self.store.count_reprompt(sid, turn), 1
+        )
         if streak > self.settings.reprompt_limit:
             return {
                 "kind": "goodbye",

@@ -3,14 +3,22 @@
 Keys for one call share the `{CallSid}` hash tag, so a Redis Cluster keeps the
 whole call on one shard and MULTI transactions over them are allowed:
 
-    ivr:{CA…}:meta        hash: from, to, agent, started, ended, status, turns, reprompts,
-                          and for an outbound call direction, variables (JSON),
-                          outbound_id, answered_by
+    ivr:{CA…}:meta        hash: from, to, agent, started, ended, status, and for an
+                          outbound call direction, variables (JSON), outbound_id,
+                          answered_by
     ivr:{CA…}:transcript  list of JSON entries {role, content, ts, mode}
-    ivr:{CA…}:results, claim:N, in-flight   a Gather turn's answer and claim (turns.py)
+    ivr:{CA…}:counted     set: a token per caller turn counted (its size: the turns)
+    ivr:{CA…}:reprompted  set: the turns of the current streak of reprompts
+    ivr:{CA…}:results, stored-by, claim:N, in-flight   a Gather turn's answer and
+                          claim (turns.py)
     ivr:{CA…}:reported    the end-of-call report is queued (report.py)
     ivr:{CA…}:hold        the last hold line said (gather/hold.py)
     ivr:{CA…}:stream      the StreamSid of the call's one media stream
+
+The counters are sets of tokens, not numbers: the Redis client sends a whole
+transaction again when the connection drops before its reply, and a turn taken
+over after its worker stopped records its words again; a token already in the
+set adds nothing, so each turn counts once (no Lua: the in-process store has none).
 
 Expiry only ever grows: every write refreshes the keys to CALL_TTL_SECONDS,
 and once the call has ended to TRANSCRIPT_RETENTION_SECONDS, which a later
@@ -19,9 +27,11 @@ write (a turn or a tool still running when the caller hung up) cannot shorten.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 
 import redis
@@ -90,8 +100,11 @@ class CallStore(TurnLedger):
     def _key(sid: str, part: str) -> str:
         return f"ivr:{{{sid}}}:{part}"
 
+    # The keys that live as long as the call's record.
+    RECORD = ("meta", "transcript", "results", "stored-by", "counted")
+
     def _keys(self, sid: str) -> list[str]:
-        return [self._key(sid, p) for p in ("meta", "transcript", "results")]
+        return [self._key(sid, p) for p in self.RECORD]
 
     def _expire_all(self, pipe, sid: str, seconds: int) -> None:
         """Give the call's keys at least `seconds` to live, never less than they have."""
@@ -193,8 +206,14 @@ class CallStore(TurnLedger):
         return json.loads(raw) if raw else {}
 
     def meta(self, sid: str) -> dict[str, str]:
-        raw = self.redis.hgetall(self._key(sid, "meta"))
-        return {_text(k): _text(v) for k, v in raw.items()}
+        """The call's record ({} when it has none), with `turns`: the caller turns counted."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self._key(sid, "meta"))
+            pipe.scard(self._key(sid, "counted"))
+            raw, turns = pipe.execute()
+        if not raw:
+            return {}
+        return {**{_text(k): _text(v) for k, v in raw.items()}, "turns": str(turns)}
 
     # -- conversation -----------------------------------------------------------
 
@@ -206,17 +225,21 @@ class CallStore(TurnLedger):
         One transaction: the words are stored (never lost, whatever happens next),
         the reprompt streak resets, and the recent history comes back with it.
         `at`: when Twilio's words arrived, the entry's time (gather/results.py)."""
-        transcript, meta = self._key(sid, "transcript"), self._key(sid, "meta")
+        transcript, counted = self._key(sid, "transcript"), self._key(sid, "counted")
+        words_entry = _entry("user", words, mode, ts=round(at or time.time(), 3))
         with self.redis.pipeline(transaction=True) as pipe:
-            self._push(pipe, sid, _entry("user", words, mode, ts=round(at or time.time(), 3)))
-            pipe.hset(meta, "reprompts", 0)
-            pipe.hincrby(meta, "turns", 1)
+            self._push(pipe, sid, words_entry)
+            pipe.delete(self._key(sid, "reprompted"))
+            # The entry is the turn's token: the same in a re-sent transaction and
+            # in a takeover's run of the turn (its words and their time are stored).
+            pipe.sadd(counted, hashlib.sha1(words_entry.encode()).hexdigest())
+            pipe.scard(counted)
             pipe.lrange(transcript, -(history_max or self.history_max), -1)
-            pipe.hget(meta, "started")
+            pipe.hget(self._key(sid, "meta"), "started")
             self._expire_all(pipe, sid, self.ttl)
-            replies = pipe.execute()
-        started = float(replies[5]) if replies[5] else None
-        return TurnRecord(history=_messages(replies[4]), turn_count=replies[3], started=started)
+            turns, recent, started = pipe.execute()[4:7]
+        started = float(started) if started else None
+        return TurnRecord(history=_messages(recent), turn_count=turns, started=started)
 
     def record_agent(self, sid: str, words: str, mode: str = "gather") -> None:
         self.append(sid, "assistant", words, mode)
@@ -308,13 +331,16 @@ class CallStore(TurnLedger):
     def transcript(self, sid: str) -> list[dict]:
         return parse_entries(self.redis.lrange(self._key(sid, "transcript"), 0, -1))
 
-    def count_reprompt(self, sid: str) -> int:
-        """One more silent or unclear turn in a row; returns the streak length."""
-        meta = self._key(sid, "meta")
+    def count_reprompt(self, sid: str, turn: int | None = None) -> int:
+        """One more silent or unclear turn in a row; returns the streak length.
+        `turn` counts once however often it is written; without one, every call counts."""
+        reprompted = self._key(sid, "reprompted")
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hincrby(meta, "reprompts", 1)
+            pipe.sadd(reprompted, turn or uuid.uuid4().hex)
+            pipe.scard(reprompted)
+            pipe.expire(reprompted, self.ttl)
             self._expire_all(pipe, sid, self.ttl)
-            return pipe.execute()[0]
+            return pipe.execute()[1]
 
 
 def _text(value) -> str:

@@ -5,6 +5,7 @@ one gave it, and the claim that says who answers it) and ends with one (the
 answer for replays, its messages in the transcript, the claim let go):
 
     ivr:{CA…}:results     hash: turn number -> the answer already given (replays)
+    ivr:{CA…}:stored-by   hash: turn number -> a token of the end_turn that stored it
     ivr:{CA…}:claim:N     lease (gather/claims.py): the worker answering turn N
     ivr:{CA…}:in-flight   set: turns whose claim may still be live (the report waits)
 """
@@ -12,10 +13,14 @@ answer for replays, its messages in the transcript, the claim let go):
 from __future__ import annotations
 
 import json
+import logging
+import uuid
 
 import redis
 
 from .transcript import entry as _entry
+
+log = logging.getLogger(__name__)
 
 
 class TurnLedger:
@@ -87,31 +92,67 @@ class TurnLedger:
         """Store the turn's answer for replays, and its messages in the transcript.
 
         `messages` are chat messages: the agent's words, and any tool calls
-        and tool results that led to them.
+        and tool results that led to them. Only the turn's first stored answer
+        stays in the transcript (see _took_back).
         """
+        entries = [
+            _entry(
+                m["role"],
+                m.get("content") or "",
+                "gather",
+                **{k: v for k, v in m.items() if k not in ("role", "content")},
+            )
+            for m in messages or ()
+        ]
+        results, by = self._key(sid, "results"), self._key(sid, "stored-by")
+        token = uuid.uuid4().hex
         with self.redis.pipeline(transaction=True) as pipe:
-            if messages:
-                entries = [
-                    _entry(
-                        m["role"],
-                        m.get("content") or "",
-                        "gather",
-                        **{k: v for k, v in m.items() if k not in ("role", "content")},
-                    )
-                    for m in messages
-                ]
-                self._push(pipe, sid, *entries)
-            if result.get("end_reason"):
-                pipe.hset(self._key(sid, "meta"), "end_reason", result["end_reason"])
             if turn:
                 # The first stored answer wins: a held turn whose worker was
                 # given up for dead must not change what replays say.
-                pipe.hsetnx(self._key(sid, "results"), str(turn), json.dumps(result))
+                pipe.hsetnx(results, str(turn), json.dumps(result))
+                # Who stored it: the token of a transaction the client sent twice is
+                # its own, where HSETNX's reply to the second sending would say "lost".
+                pipe.hsetnx(by, str(turn), token)
+                pipe.hget(results, str(turn))
+                pipe.hget(by, str(turn))
                 # Answered: a replay finds the result, and the report need not wait.
                 pipe.delete(*self.claim_keys(sid, turn))
                 pipe.srem(self._key(sid, "in-flight"), turn)
+            if entries:
+                self._push(pipe, sid, *entries)
+            if result.get("end_reason"):
+                pipe.hset(self._key(sid, "meta"), "end_reason", result["end_reason"])
             self._expire_all(pipe, sid, self.ttl)
-            pipe.execute()
+            replies = pipe.execute()
+        if turn:
+            stored, storer = replies[2:4]
+            if _text(storer) != token:
+                self._took_back(sid, entries, result, json.loads(stored))
+
+    def _took_back(self, sid: str, entries: list[str], result: dict, stored: dict) -> None:
+        """Another end_turn stored the turn's answer first (its owner and a takeover both
+        finished it): this one's entries leave the transcript, so it holds the answer
+        that replays give; one more round trip, only then. A MULTI cannot make the
+        push depend on HSETNX's reply, and the in-process store runs no Lua."""
+        reason = result.get("end_reason")
+        undo_reason = bool(reason) and reason != stored.get("end_reason")
+        if not (entries or undo_reason):
+            return
+        try:
+            with self.redis.pipeline(transaction=True) as pipe:
+                for raw in entries:
+                    pipe.lrem(self._key(sid, "transcript"), 0, raw)
+                if undo_reason:
+                    meta = self._key(sid, "meta")
+                    if stored.get("end_reason"):
+                        pipe.hset(meta, "end_reason", stored["end_reason"])
+                    else:
+                        pipe.hdel(meta, "end_reason")
+                pipe.execute()
+        except redis.RedisError as exc:
+            # Not raised: a retried end_turn would write its entries again.
+            log.error("call %s: a second answer stays in the transcript: %s", sid, exc)
 
 
 def _text(value) -> str:

@@ -178,7 +178,6 @@ class CallLog:
             modes=[m for m in MODES if m in modes],
             live=live,
             report=meta.get("report", ""),
-            turns=int(meta.get("turns") or 0),
             direction="outbound" if meta.get("direction", "").startswith("outbound") else "inbound",
             answered_by=meta.get("answered_by", ""),
             variables=_variables(meta.get("variables")),

@@ -6,9 +6,9 @@ and what the records hold afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-import socket
 import threading
 import xml.etree.ElementTree as ET
 
@@ -19,6 +19,7 @@ from ivr import create_app
 from ivr.config import WEBHOOK_ANSWER_SECONDS
 
 from ..conftest import LiveServer
+from ..fakes.dropping_proxy import DroppingProxy
 from ..fakes.openai_server import Reply
 from ..fakes.redis_server import free_port
 from ..test_serving import post, start_gunicorn
@@ -82,63 +83,6 @@ def test_a_frozen_redis_still_gets_the_caller_an_answer_in_time(
         server.stop()
 
 
-class DroppingProxy:
-    """A loopback TCP proxy to Redis that, once, forwards a command matching
-    `marker` and then drops the client's connection before the reply comes back.
-
-    With `until`, it forwards on until that too has gone (a transaction's EXEC,
-    which may come in a later read), so the whole command lands."""
-
-    def __init__(self, target_port: int, marker: bytes, until: bytes | None = None):
-        self.target_port = target_port
-        self.marker = marker
-        self.until = until
-        self.dropped = threading.Event()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}/0"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            cut = threading.Event()  # this connection's replies go no further
-            threading.Thread(target=self._up, args=(client, upstream, cut), daemon=True).start()
-            threading.Thread(target=self._down, args=(upstream, client, cut), daemon=True).start()
-
-    def _up(self, client, upstream, cut):
-        try:
-            armed = False
-            while data := client.recv(65536):
-                armed = armed or (self.marker in data and not self.dropped.is_set())
-                if armed and (self.until is None or self.until in data):
-                    # Cut before the command goes: its reply must never reach the client.
-                    cut.set()
-                    self.dropped.set()
-                    upstream.sendall(data)  # the command lands
-                    client.shutdown(socket.SHUT_RDWR)
-                    client.close()
-                    return
-                upstream.sendall(data)
-        except OSError:
-            client.close()
-
-    def _down(self, upstream, client, cut):
-        try:
-            while (data := upstream.recv(65536)) and not cut.is_set():
-                client.sendall(data)
-        except OSError:
-            pass
-        finally:
-            upstream.close()
-
-    def close(self):
-        self.listener.close()
-
-
 @pytest.fixture
 def dropping_proxy(redis_url):
     port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
@@ -168,31 +112,76 @@ def test_a_claim_landed_before_the_connection_dropped_is_this_requests(
     assert spoken(call.say("Thanks.")) == ["You said: Thanks."]
 
 
+@contextlib.contextmanager
+def dropped_once(config, redis_url, marker: bytes, **settings):
+    """(proxy, a started call) whose Redis connection drops once, after a whole
+    transaction holding `marker` has gone through to Redis (its EXEC too)."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = DroppingProxy(port, marker=marker, until=b"EXEC\r\n")
+    try:
+        app = create_app({**config, "REDIS_URL": proxy.url, **settings})
+        call = TwilioCall(app.test_client())
+        call.start()
+        yield proxy, call
+    finally:
+        proxy.close()
+
+
 def test_words_whose_transaction_was_sent_twice_are_in_the_records_once(
     config, redis_url, redis, fake_openai
 ):
     """The transaction storing the caller's words lands, its reply is lost, and the
-    client sends it again: the list holds the entry twice, every reader once."""
-    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
-    proxy = DroppingProxy(port, marker=b"Zanzibar", until=b"EXEC\r\n")
-    try:
-        app = create_app({**config, "REDIS_URL": proxy.url})
-        call = TwilioCall(app.test_client())
-        call.start()
+    client sends it again: the list holds the entry twice, every reader once, and
+    the turn counts once."""
+    # Two turns allowed: the second is answered only if the first counted once.
+    with dropped_once(config, redis_url, b"Zanzibar", MAX_TURNS="2") as (proxy, call):
         assert spoken(call.say("Do you ship to Zanzibar?")) == [
             "You said: Do you ship to Zanzibar?"
         ]
         assert proxy.dropped.is_set()
         raw = [e for e in transcript_of(redis, call.sid) if e[0] == "user"]
         assert raw == [("user", "Do you ship to Zanzibar?")] * 2  # the transaction ran twice
-        store = app.extensions["ivr"].store
+        store = call.client.application.extensions["ivr"].store
         said = [(e["role"], e["content"]) for e in store.transcript(call.sid)]
         assert said.count(("user", "Do you ship to Zanzibar?")) == 1
-        call.say("Thanks.")
+        assert store.meta(call.sid)["turns"] == "1"
+        assert spoken(call.say("Thanks.")) == ["You said: Thanks."]  # not the turn limit
         asked = [m["content"] for m in fake_openai.chat_requests[-1]["messages"]]
         assert asked.count("Do you ship to Zanzibar?") == 1  # the model hears it once
-    finally:
-        proxy.close()
+        assert store.meta(call.sid)["turns"] == "2"
+
+
+def test_a_reprompt_whose_transaction_was_sent_twice_counts_once(
+    config, redis_url, fake_openai, prompts_dir
+):
+    # The streak's own write (SADD to the set, then its member), not the reset in
+    # the transaction that records words (DEL of the same key).
+    marker = b":reprompted\r\n$"
+    with dropped_once(config, redis_url, marker, REPROMPT_LIMIT="1") as (proxy, call):
+        root = call.silence()
+        assert proxy.dropped.is_set()
+        # One reprompt allowed: this is it, not the goodbye.
+        assert spoken(root) == [(prompts_dir / "reprompt.txt").read_text().strip()]
+        assert call.gather.get("action") == "/process-speech?turn=2"
+        # Control: the second in a row is one too many.
+        assert spoken(call.silence()) == [(prompts_dir / "goodbye.txt").read_text().strip()]
+
+
+def test_an_answer_whose_transaction_was_sent_twice_stays_in_the_records(
+    config, redis_url, redis, fake_openai
+):
+    """The second sending of the transaction storing the answer finds the answer
+    there already (HSETNX says 0): it is its own, and its entries stay."""
+    fake_openai.queue(Reply("We ship there every Tuesday."))
+    with dropped_once(config, redis_url, b"every Tuesday") as (proxy, call):
+        assert spoken(call.say("Do you ship to Zanzibar?")) == ["We ship there every Tuesday."]
+        assert proxy.dropped.is_set()
+        answer = ("assistant", "We ship there every Tuesday.")
+        assert transcript_of(redis, call.sid).count(answer) == 2  # the transaction ran twice
+        store = call.client.application.extensions["ivr"].store
+        said = [(e["role"], e["content"]) for e in store.transcript(call.sid)]
+        assert said.count(answer) == 1
+        assert store.stored_result(call.sid, 1)["text"] == answer[1]
 
 
 def test_an_answer_said_while_redis_restarts_is_stored_once_it_is_back(

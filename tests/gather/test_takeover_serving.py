@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -95,6 +96,7 @@ def test_a_turn_cut_off_by_a_stop_is_run_again_elsewhere(servers, fake_openai, p
     store = CallStore(redis, history_max=20, ttl=600, retention=600)
     transcript = [e["content"] for e in store.transcript(sid)]
     assert transcript.count("A table for two, please.") == 1
+    assert store.meta(sid)["turns"] == "1"  # one turn, though its words went in twice
 
 
 def test_a_turn_whose_side_effect_began_is_not_run_twice(
@@ -109,3 +111,56 @@ def test_a_turn_whose_side_effect_began_is_not_run_twice(
     assert answer.find("Gather").get("action") == "/process-speech?turn=2"
     assert Path(tmp_path / "bookings").read_text().split() == [sid]  # booked once
     assert len(fake_openai.chat_requests) == 1  # the turn was not asked again
+
+
+@pytest.fixture
+def key_events(redis):
+    """key_events(key): what happens to `key` from then on, as an iterator of the
+    names of Redis's keyspace notifications for it (generic and expiry events)."""
+    previous = redis.config_get("notify-keyspace-events")["notify-keyspace-events"]
+    redis.config_set("notify-keyspace-events", "Kgx")
+    subscriber = redis.pubsub(ignore_subscribe_messages=True)
+    db = redis.connection_pool.connection_kwargs.get("db", 0)
+
+    def events(key: str):
+        subscriber.subscribe(f"__keyspace@{db}__:{key}")  # now, not at the first read
+
+        def names():
+            give_up = time.monotonic() + 60  # a guard against a hang, not a measure
+            while time.monotonic() < give_up:
+                message = subscriber.get_message(timeout=1.0)
+                if message is not None:
+                    yield message["data"].decode()
+
+        return names()
+
+    yield events
+    subscriber.close()
+    redis.config_set("notify-keyspace-events", previous)
+
+
+def test_a_stopping_worker_gives_back_the_claim_of_a_turn_still_running(
+    servers, fake_openai, redis, key_events
+):
+    """The claim is deleted by its worker as its grace period ends (worker_exit), not
+    left to lapse once renewals stop: a /turn-wait elsewhere may take over at once."""
+    (owner, owner_url), _ = servers
+    sid = new_sid()
+    params = {"CallSid": sid, "From": "+15550001111", "To": "+15550002222"}
+    claim = f"ivr:{{{sid}}}:claim:1"
+    fake_openai.queue(Hang())  # the turn never finishes by itself
+    post(owner_url, "/voice", params)
+    events = key_events(claim)
+    root = post(
+        owner_url,
+        "/process-speech?turn=1",
+        {**params, "SpeechResult": "A table for two, please.", "Confidence": "0.9"},
+    )
+    assert root.find("Redirect").text == "/turn-wait?turn=1"
+    assert redis.get(claim) is not None  # held, and renewed while its worker runs
+    owner.send_signal(signal.SIGTERM)
+    # Renewals ("expire") until it goes: deleted ("del"), or lapsed ("expired").
+    gone = next(event for event in events if event in ("del", "expired"))
+    assert gone == "del"
+    assert redis.exists(claim) == 0
+    assert redis.hget(f"ivr:{{{sid}}}:results", "1") is None  # not answered: handed over

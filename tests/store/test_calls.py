@@ -25,7 +25,11 @@ def store(redis):
 def test_keys_carry_the_call_sid_as_a_cluster_hash_tag(store, redis):
     store.start("CA1", caller="+1", callee="+2")
     store.record_caller("CA1", "hello")
-    assert sorted(k.decode() for k in redis.keys("*")) == ["ivr:{CA1}:meta", "ivr:{CA1}:transcript"]
+    assert sorted(k.decode() for k in redis.keys("*")) == [
+        "ivr:{CA1}:counted",
+        "ivr:{CA1}:meta",
+        "ivr:{CA1}:transcript",
+    ]
 
 
 def test_history_is_capped_but_the_transcript_is_kept(store):
@@ -47,8 +51,60 @@ def test_recording_the_caller_returns_the_history_and_resets_the_streak(store):
     record = store.record_caller("CA1", "hi")
     assert record.history == [{"role": "user", "content": "hi"}]
     assert record.turn_count == 1
-    assert store.meta("CA1")["reprompts"] == "0"
     assert store.count_reprompt("CA1") == 1
+
+
+def test_a_turn_counts_once_however_often_its_words_are_recorded(store):
+    """A takeover runs the turn again with the words and time it stored: the same
+    entry, the same turn."""
+    store.start("CA1")
+    assert store.record_caller("CA1", "Where is my order?", at=1000.5).turn_count == 1
+    assert store.record_caller("CA1", "Where is my order?", at=1000.5).turn_count == 1
+    assert store.record_caller("CA1", "Where is my order?", at=1009.0).turn_count == 2
+    assert store.meta("CA1")["turns"] == "2"
+
+
+def test_a_reprompt_counts_once_per_turn(store):
+    assert store.count_reprompt("CA1", 3) == 1
+    assert store.count_reprompt("CA1", 3) == 1  # turn 3 run again
+    assert store.count_reprompt("CA1", 4) == 2
+    store.record_caller("CA1", "hello")
+    assert store.count_reprompt("CA1", 3) == 1  # a new streak
+
+
+def test_only_the_first_stored_answer_of_a_turn_stays_in_the_transcript(store):
+    """A held turn taken over elsewhere is answered there; its first owner, given a
+    stop's grace period, finishes it too, later: replays and the transcript agree."""
+    store.start("CA1")
+    store.record_caller("CA1", "Where is my order?")
+    store.end_turn(
+        "CA1",
+        1,
+        {"kind": "answer", "text": "It ships today.", "next": 2},
+        [{"role": "assistant", "content": "It ships today."}],
+    )
+    store.end_turn(
+        "CA1",
+        1,
+        {"kind": "end", "text": "Goodbye.", "next": None, "end_reason": "ended-by-agent"},
+        [
+            {"role": "assistant", "content": "", "tool_calls": [{"id": "c1"}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "{}"},
+            {"role": "assistant", "content": "Goodbye."},
+        ],
+    )
+    said = [(e["role"], e["content"]) for e in store.transcript("CA1")]
+    assert said == [("user", "Where is my order?"), ("assistant", "It ships today.")]
+    assert store.stored_result("CA1", 1)["text"] == "It ships today."
+    assert "end_reason" not in store.meta("CA1")  # the call goes on, as replays say
+    # Control: another turn's answer goes in as usual.
+    store.end_turn(
+        "CA1",
+        2,
+        {"kind": "answer", "text": "Bye.", "next": 3},
+        [{"role": "assistant", "content": "Bye."}],
+    )
+    assert store.transcript("CA1")[-1]["content"] == "Bye."
 
 
 def test_every_write_refreshes_the_ttl_so_abandoned_calls_expire(store, redis):
