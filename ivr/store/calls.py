@@ -213,7 +213,8 @@ class CallStore(TurnLedger):
             raw, turns = pipe.execute()
         if not raw:
             return {}
-        return {**{_text(k): _text(v) for k, v in raw.items()}, "turns": str(turns)}
+        meta = {_text(k): _text(v) for k, v in raw.items()}
+        return {**meta, "turns": str(turns + int(meta.get("turns") or 0))}
 
     # -- conversation -----------------------------------------------------------
 
@@ -235,11 +236,14 @@ class CallStore(TurnLedger):
             pipe.sadd(counted, hashlib.sha1(words_entry.encode()).hexdigest())
             pipe.scard(counted)
             pipe.lrange(transcript, -(history_max or self.history_max), -1)
-            pipe.hget(self._key(sid, "meta"), "started")
+            # A call older than the sets counted its turns in this field.
+            pipe.hmget(self._key(sid, "meta"), "started", "turns")
             self._expire_all(pipe, sid, self.ttl)
-            turns, recent, started = pipe.execute()[4:7]
+            turns, recent, (started, before) = pipe.execute()[4:7]
         started = float(started) if started else None
-        return TurnRecord(history=_messages(recent), turn_count=turns, started=started)
+        return TurnRecord(
+            history=_messages(recent), turn_count=turns + int(before or 0), started=started
+        )
 
     def record_agent(self, sid: str, words: str, mode: str = "gather") -> None:
         self.append(sid, "assistant", words, mode)

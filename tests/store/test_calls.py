@@ -64,6 +64,15 @@ def test_a_turn_counts_once_however_often_its_words_are_recorded(store):
     assert store.meta("CA1")["turns"] == "2"
 
 
+def test_a_call_counted_before_the_sets_keeps_its_turns(store, redis):
+    """A call in progress across the deploy that brought the sets counted its
+    turns in the record's `turns` field: those still count toward MAX_TURNS."""
+    store.start("CA1", caller="+15550001111", callee="+15550002222")
+    redis.hset("ivr:{CA1}:meta", "turns", 3)
+    assert store.record_caller("CA1", "And one more thing", at=1000.5).turn_count == 4
+    assert store.meta("CA1")["turns"] == "4"
+
+
 def test_a_reprompt_counts_once_per_turn(store):
     assert store.count_reprompt("CA1", 3) == 1
     assert store.count_reprompt("CA1", 3) == 1  # turn 3 run again
