@@ -83,6 +83,19 @@ def clean_environ(monkeypatch):
             monkeypatch.delenv(name)
 
 
+@pytest.fixture(autouse=True)
+def no_report_sender_left():
+    """A test closes the apps it made: a report sender left running would go on
+    taking the reports that later tests queue in the same Redis, and send them to
+    this test's receiver (a later test then waits for reports that never come)."""
+    before = set(threading.enumerate())
+    yield
+    left = [t for t in threading.enumerate() if t.name == "report-sender" and t not in before]
+    for thread in left:
+        thread.join(timeout=5)  # a stopped sender ends after its current attempt
+    assert not [t for t in left if t.is_alive()], "a report sender was left running"
+
+
 @pytest.fixture
 def prompts_dir(tmp_path):
     target = tmp_path / "prompts"
@@ -110,7 +123,9 @@ def config(redis, redis_url, fake_openai, prompts_dir):
 
 @pytest.fixture
 def app(config):
-    return create_app(config)
+    app = create_app(config)
+    yield app
+    app.extensions["ivr"].close()
 
 
 @pytest.fixture

@@ -264,11 +264,14 @@ def test_the_end_of_a_call_queues_its_report_once(config, redis):
             "END_OF_CALL_RETRY_SECONDS": "600",  # no attempt during the test
         }
     )
-    call = TwilioCall(app.test_client())
-    call.start()
-    assert call.hang_up().status_code == 204
-    due = redis.zscore(DUE, call.sid)
-    assert due is not None
-    assert call.hang_up().status_code == 204  # a repeated status callback
-    assert redis.zscore(DUE, call.sid) == due
-    assert app.extensions["ivr"].store.is_reported(call.sid)
+    try:
+        call = TwilioCall(app.test_client())
+        call.start()
+        assert call.hang_up().status_code == 204
+        due = redis.zscore(DUE, call.sid)
+        assert due is not None
+        assert call.hang_up().status_code == 204  # a repeated status callback
+        assert redis.zscore(DUE, call.sid) == due
+        assert app.extensions["ivr"].store.is_reported(call.sid)
+    finally:
+        app.extensions["ivr"].close()

@@ -119,11 +119,15 @@ def test_transcript_and_report_of_an_ended_call(
     }
     with responses.RequestsMock(assert_all_requests_are_fired=False) as receiver:
         receiver.add(responses.POST, HOOK, status=200)
-        call = TwilioCall(create_app(config).test_client())
-        call.start()
-        call.say("I need opening hours.")
-        assert call.hang_up().status_code == 204
-        assert wait_for(lambda: [c for c in receiver.calls if c.request.url == HOOK])
+        app = create_app(config)
+        try:
+            call = TwilioCall(app.test_client())
+            call.start()
+            call.say("I need opening hours.")
+            assert call.hang_up().status_code == 204
+            assert wait_for(lambda: [c for c in receiver.calls if c.request.url == HOOK])
+        finally:
+            app.extensions["ivr"].close()
         (post,) = [c for c in receiver.calls if c.request.url == HOOK]
     report = Webhook(SECRET).verify(post.request.body, dict(post.request.headers))
     assert report["status"] == "completed"

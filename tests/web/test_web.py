@@ -369,13 +369,16 @@ def test_the_report_delivery_state_is_shown(config, fake_openai):
     )
     web = app.test_client()
     with responses.RequestsMock() as receiver:
-        receiver.post(hook, status=200)
-        delivered = place_call(web, "hello", caller="+15550001111")
-        store = app.extensions["ivr"].store
-        assert wait_for(lambda: store.meta(delivered.sid).get("report") == "delivered")
-        receiver.replace(responses.POST, hook, status=400)
-        refused = place_call(web, "hello", caller="+15550002222")
-        assert wait_for(lambda: store.meta(refused.sid).get("report") == "refused")
+        try:
+            receiver.post(hook, status=200)
+            delivered = place_call(web, "hello", caller="+15550001111")
+            store = app.extensions["ivr"].store
+            assert wait_for(lambda: store.meta(delivered.sid).get("report") == "delivered")
+            receiver.replace(responses.POST, hook, status=400)
+            refused = place_call(web, "hello", caller="+15550002222")
+            assert wait_for(lambda: store.meta(refused.sid).get("report") == "refused")
+        finally:
+            app.extensions["ivr"].close()  # its sender stops while the mock still answers
     assert get_page(web, f"/calls/{delivered.sid}").text("report") == ["delivered"]
     assert get_page(web, f"/calls/{refused.sid}").text("report") == ["refused"]
 
