@@ -114,3 +114,48 @@ def test_the_docs_list_every_per_agent_setting(doc):
     marker = "may change are those" if doc == "agents.md" else "may also be set per agent"
     paragraph = text[text.index(marker) :].split("\n\n")[0]
     assert set(re.findall(r"`([A-Z][A-Z_]+)`", paragraph)) == PER_CALL
+
+
+def test_an_agents_connect_budget_holds_on_a_real_attempt(deployment, fake_openai, stream_config):
+    """The model hangs on the handshake: the agent's call gives up on its own 0.5 s,
+    while a default call, begun first, still waits on the deployment's 10 s."""
+    yaml = deployment["AGENTS_DIR"] + "/short/agent.yaml"
+    with open(yaml, "a", encoding="utf-8") as f:
+        f.write("  STREAM_CONNECT_TIMEOUT_SECONDS: 0.5\n")
+    app = create_app(
+        {
+            **stream_config,
+            "AGENTS_DIR": deployment["AGENTS_DIR"],
+            "STREAM_CONNECT_TIMEOUT_SECONDS": "10",
+        }
+    )
+    store = app.extensions["ivr"].store
+    fake_openai.realtime.mode = "hang"
+    live = LiveServer(app)
+
+    def switches(sid):
+        return [e["content"] for e in store.transcript(sid) if e["role"] == "event"]
+
+    def stream_to(number):
+        sid = new_sid()
+        parameters = stream_parameters(live.http, sid, To=number)
+        client = TwilioMediaClient(
+            live.ws + "/media-stream", AUTH_TOKEN, sid, parameters=parameters
+        )
+        return sid, client.start()
+
+    try:
+        default_sid, default = stream_to(OTHER)
+        assert wait_for(lambda: len(fake_openai.realtime_handshakes) == 1)
+        short_sid, short = stream_to(SHORT)
+        assert short.wait_closed(timeout=5)
+        assert wait_for(lambda: switches(short_sid))
+        (switch,) = switches(short_sid)
+        assert switch.startswith("Gather mode: connect ") and "timed out" in switch
+        assert len(fake_openai.realtime_handshakes) == 2  # the agent's call did try
+        # The default call's attempt began first and is still waiting.
+        assert default.closed_at is None
+        assert switches(default_sid) == []
+    finally:
+        fake_openai.reset()  # the fake lets the hanging handshake go (a 504)
+        live.stop()
