@@ -116,6 +116,8 @@ def test_barge_in_clears_twilio_then_truncates_at_what_was_heard(live, fake_open
     assert wait_for(lambda: media.audio_ms() > 0)
     media.talk([("silence", 1200), ("speech", 400)])
     assert wait_for(lambda: fake_openai.events("conversation.item.truncate"))
+    # The clear went out first, but on the other socket: its reader may be behind.
+    assert wait_for(lambda: media.clears)
     media.hang_up()
 
     (clear,) = media.clears
