@@ -134,7 +134,7 @@ def run_load(urls: list[str], callers: int, seconds: float, redis_url: str, tag:
     sid = f"CA{tag}{0:031x}"
     keys = client.keys(f"ivr:{{{sid}}}:*")
     call_bytes = sum(client.memory_usage(k) or 0 for k in keys)
-    call_turns = int(client.hget(f"ivr:{{{sid}}}:meta", "turns") or 1)
+    call_turns = client.scard(f"ivr:{{{sid}}}:counted") or 1  # one member per turn
     client.close()
     turns = len(turn_times)
     per_turn = {k: (v - by_0.get(k, 0)) / turns for k, v in by_1.items() if turns}

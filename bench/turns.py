@@ -229,20 +229,21 @@ def profile_in_process(svc: Services, turns: int) -> list[tuple[str, float]]:
     from ivr import create_app
 
     env = svc.env()
-    app = create_app(
-        {
-            k: env[k]
-            for k in (
-                "TWILIO_AUTH_TOKEN",
-                "OPENAI_API_KEY",
-                "OPENAI_BASE_URL",
-                "REDIS_URL",
-                "MAX_TURNS",
-                "MAX_CALL_SECONDS",
-                "OPENAI_MODEL",
-            )
-        }
-    )
+    settings = {
+        k: env[k]
+        for k in (
+            "TWILIO_AUTH_TOKEN",
+            "OPENAI_API_KEY",
+            "OPENAI_BASE_URL",
+            "REDIS_URL",
+            "MAX_TURNS",
+            "MAX_CALL_SECONDS",
+            "OPENAI_MODEL",
+        )
+    }
+    # Answered inline: cProfile sees only the thread it runs in, and a turn that
+    # may hold does its model call and stored answer in a thread of its own.
+    app = create_app({**settings, "HOLD_AFTER_SECONDS": "0"})
     client = app.test_client()
     sid = "CA" + "c" * 32
     seed_history(svc.redis_url, sid, 20)
@@ -445,7 +446,10 @@ def main() -> None:
                 f"{ms(a['bare_p50'])} + raw LLM call {ms(a['llm_p50'])}): "
                 f"app/reference {a['reference_ratio_p50']:.2f}x"
             )
-            print("    in-process profile, time per turn by package (tottime):")
+            print(
+                "    in-process profile of a turn answered inline, "
+                "time per turn by package (tottime):"
+            )
             for name, t in profile_in_process(svc, 200):
                 print(f"      {name:<24} {ms(t)}")
             print("    one LLM call through the openai SDK, by history length:")
