@@ -17,8 +17,9 @@ that sender dies mid-attempt, the report falls due again when the lease ends.
 The body is built from the call's record when it is sent, so a turn still
 being answered when the call ended is in it (a report waits while one is).
 Connection errors, timeouts, 429 and 5xx are retried with exponential backoff
-and jitter; other 4xx answers are final. The `webhook-id` is the same on every
-attempt, so a receiver de-duplicates by it.
+and jitter; any other answer but a 2xx (a 4xx, a redirect that was not followed)
+is final. The `webhook-id` is the same on every attempt, so a receiver
+de-duplicates by it.
 """
 
 from __future__ import annotations
@@ -163,10 +164,10 @@ class ReportQueue:
             due = pipe.zrangebyscore(DUE, "-inf", now, start=0, num=1)
             if not due:
                 upcoming = pipe.zrange(DUE, 0, 0, withscores=True)
-                wait = min(POLL_MAX, upcoming[0][1] - now) if upcoming else POLL_MAX
-                return None, max(wait, 0.001)
+                # Later than now (it is not due), so the wait is never zero or less.
+                return None, min(POLL_MAX, upcoming[0][1] - now) if upcoming else POLL_MAX
             pipe.multi()
-            pipe.zadd(DUE, {due[0]: now + LEASE}, xx=True)
+            pipe.zadd(DUE, {due[0]: now + LEASE})  # still queued: the WATCH would fail otherwise
             return _text(due[0]), 0.0
 
         return self.redis.transaction(take, DUE, value_from_callable=True)
@@ -215,7 +216,7 @@ class ReportQueue:
         if response.status_code == 429 or response.status_code >= 500:
             log.warning("call %s: report got HTTP %d; will retry", sid, response.status_code)
             return "retry"
-        if response.status_code >= 400:
+        if response.status_code >= 300:  # Standard Webhooks: only a 2xx accepts a message
             log.error(
                 "call %s: report refused with HTTP %d; not retrying", sid, response.status_code
             )

@@ -31,6 +31,7 @@ class WebhookReceiver:
         # Requests after this many are held open, unanswered, until stop(): the
         # sender waits on one, so how many attempts it made is known.
         self.hold_after: int | None = None
+        self.during = None  # called with no arguments while each verified request is open
         self._lock = threading.Lock()
         self._release = threading.Event()
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
@@ -69,16 +70,18 @@ class WebhookReceiver:
                 if not verified:
                     return "bad signature", 401
                 held = self.hold_after is not None and len(self.attempts) > self.hold_after
+            if self.during is not None:
+                self.during()
             if held:
                 self._release.wait()
                 return "down", 503
             with self._lock:
-                if self.status >= 400:
-                    return "down", self.status
+                if not 200 <= self.status < 300:
+                    return "not accepted", self.status
                 # Retries carry the same webhook-id: a receiver keeps the first.
                 self.messages.setdefault(request.headers["webhook-id"], report)
                 self.accepted.append(request.headers["webhook-id"])
-            return "", 204
+            return "", 204 if self.status == 200 else self.status
 
         return app
 
